@@ -1,0 +1,127 @@
+"""Read Llama-family GGUF files (llama.cpp's format): config from the metadata, tensors dequantised with `gguf`.
+
+llama.cpp stores the q/k projections of `llama`-architecture models with the rows of each head interleaved for its
+RoPE layout; they are permuted back to transformers' rotate-half layout here (as transformers' GGUF loader does).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Iterator
+
+import numpy as np
+
+from jaxft.models.config import LlamaConfig, RopeScaling, UnsupportedConfigError
+
+_ARCHS = {"llama": "llama", "qwen2": "qwen2"}
+_LAYER = {
+    "attn_norm.weight": "input_layernorm.weight",
+    "ffn_norm.weight": "post_attention_layernorm.weight",
+    "attn_q.weight": "self_attn.q_proj.weight",
+    "attn_k.weight": "self_attn.k_proj.weight",
+    "attn_v.weight": "self_attn.v_proj.weight",
+    "attn_output.weight": "self_attn.o_proj.weight",
+    "attn_q.bias": "self_attn.q_proj.bias",
+    "attn_k.bias": "self_attn.k_proj.bias",
+    "attn_v.bias": "self_attn.v_proj.bias",
+    "ffn_gate.weight": "mlp.gate_proj.weight",
+    "ffn_up.weight": "mlp.up_proj.weight",
+    "ffn_down.weight": "mlp.down_proj.weight",
+}
+_GLOBAL = {"token_embd.weight": "model.embed_tokens.weight", "output_norm.weight": "model.norm.weight",
+           "output.weight": "lm_head.weight"}
+
+
+def open_gguf(path: str):
+    """A `gguf.GGUFReader` with a one-line error for a missing, truncated or foreign file."""
+    from gguf import GGUFReader
+
+    try:
+        return GGUFReader(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such GGUF file") from None
+    except Exception as e:  # gguf raises ValueError/struct.error/IndexError on damaged files
+        raise ValueError(f"{path}: not a readable GGUF file (truncated or corrupt: {type(e).__name__}: {e})") from None
+
+
+def _field(reader, key: str, default=None):
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def config_from_gguf(reader, path: str = "") -> LlamaConfig:
+    """The `LlamaConfig` described by a GGUF file's metadata."""
+    arch = _field(reader, "general.architecture")
+    if arch not in _ARCHS:
+        raise UnsupportedConfigError(f"{path}: GGUF architecture '{arch}' is not supported (supported: llama, qwen2)")
+    a = arch
+    heads = int(_field(reader, f"{a}.attention.head_count"))
+    hidden = int(_field(reader, f"{a}.embedding_length"))
+    names = {t.name for t in reader.tensors}
+    vocab = _field(reader, f"{a}.vocab_size")
+    if vocab is None:
+        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
+    rope_type = _field(reader, f"{a}.rope.scaling.type", "none")
+    if "rope_freqs.weight" in names or rope_type not in ("none", "linear"):
+        raise UnsupportedConfigError(f"{path}: GGUF RoPE scaling '{rope_type}' (or a rope_freqs tensor) is not supported")
+    scaling = RopeScaling()
+    if rope_type == "linear":
+        scaling = RopeScaling("linear", factor=float(_field(reader, f"{a}.rope.scaling.factor")))
+    head_dim = int(_field(reader, f"{a}.rope.dimension_count", hidden // heads))
+    window = _field(reader, f"{a}.attention.sliding_window")
+    return LlamaConfig(
+        vocab_size=int(vocab),
+        hidden_size=hidden,
+        intermediate_size=int(_field(reader, f"{a}.feed_forward_length")),
+        num_hidden_layers=int(_field(reader, f"{a}.block_count")),
+        num_attention_heads=heads,
+        num_key_value_heads=int(_field(reader, f"{a}.attention.head_count_kv", heads)),
+        head_dim=head_dim,
+        model_type=_ARCHS[arch],
+        max_position_embeddings=int(_field(reader, f"{a}.context_length", 2048)),
+        rms_norm_eps=float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
+        rope_theta=float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
+        rope_scaling=scaling,
+        tie_word_embeddings="output.weight" not in names,
+        qkv_bias="blk.0.attn_q.bias" in names,
+        sliding_window=int(window) if window else None,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+    )
+
+
+def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
+    """Undo llama.cpp's per-head row interleaving of q/k projections (`[out, in]` layout)."""
+    dim = w.shape[0] // n_head // 2
+    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def hf_name(gguf_name: str) -> str | None:
+    """The HF tensor name of a GGUF tensor name (None if it has no HF counterpart)."""
+    if gguf_name in _GLOBAL:
+        return _GLOBAL[gguf_name]
+    m = re.fullmatch(r"blk\.(\d+)\.(.+)", gguf_name)
+    if m and m.group(2) in _LAYER:
+        return f"model.layers.{m.group(1)}.{_LAYER[m.group(2)]}"
+    return None
+
+
+def iter_gguf_tensors(reader, config: LlamaConfig, path: str = "") -> Iterator[tuple[str, np.ndarray]]:
+    """Yield `(hf_name, float32 array in HF layout)` one tensor at a time, dequantised."""
+    from gguf import dequantize
+
+    for t in reader.tensors:
+        name = hf_name(t.name)
+        if name is None:
+            raise ValueError(f"{path}: unexpected GGUF tensor '{t.name}' for a {config.model_type} model")
+        try:
+            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot dequantise tensor '{t.name}' ({t.tensor_type.name}): {e}") from None
+        if config.model_type == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
+            heads = config.num_attention_heads if ".attn_q." in t.name else config.num_key_value_heads
+            w = _unpermute(w, heads)
+        yield name, w

@@ -1,0 +1,232 @@
+"""Load and save models: HF directories (safetensors, single or sharded), GGUF files, the embedded default.
+
+Loading streams tensor by tensor into preallocated leaves of the target dtype, so the host holds about one copy of
+the model plus one tensor, and checks every name and shape against the config before anything is returned: a
+half-filled tree is never handed out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+
+from jaxft.io.convert import TensorEntry, iter_hf_tensors, tensor_table
+from jaxft.io.default import resolve_model_path
+from jaxft.models.config import LlamaConfig, from_hf, to_hf
+
+_BENIGN_EXTRA = ("rotary_emb.inv_freq",)
+_DTYPES = {"float32": np.float32, "fp32": np.float32, "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16,
+           "float16": np.float16, "fp16": np.float16}
+
+
+def _np_dtype(dtype) -> np.dtype:
+    if isinstance(dtype, str):
+        if dtype not in _DTYPES:
+            raise ValueError(f"dtype '{dtype}' is not supported (use float32, bfloat16 or float16)")
+        return np.dtype(_DTYPES[dtype])
+    return np.dtype(dtype)
+
+
+def _read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: missing") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def _safetensors_files(model_dir: str) -> list[str]:
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    single = os.path.join(model_dir, "model.safetensors")
+    if os.path.exists(index):
+        files = sorted(set(_read_json(index).get("weight_map", {}).values()))
+        if not files:
+            raise ValueError(f"{index}: empty weight_map")
+        return [os.path.join(model_dir, f) for f in files]
+    if os.path.exists(single):
+        return [single]
+    found = sorted(f for f in os.listdir(model_dir) if f.endswith(".safetensors"))
+    if found:
+        return [os.path.join(model_dir, f) for f in found]
+    if any(f.endswith(".bin") for f in os.listdir(model_dir)):
+        raise ValueError(f"{model_dir}: holds PyTorch .bin weights only; convert them to safetensors "
+                         "(transformers: model.save_pretrained(dir, safe_serialization=True))")
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+
+
+def _iter_safetensors(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    from safetensors import safe_open
+
+    for path in files:
+        if not os.path.exists(path):
+            raise FileNotFoundError(f"{path}: shard listed in the index is missing")
+        try:
+            with safe_open(path, framework="numpy") as f:
+                for name in f.keys():
+                    yield name, f.get_tensor(name)
+        except (OSError, ValueError, RuntimeError) as e:
+            if isinstance(e, FileNotFoundError):
+                raise
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{path}: unreadable safetensors file (truncated or corrupt: {msg})") from None
+        except Exception as e:  # safetensors raises its own SafetensorError
+            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise ValueError(f"{path}: unreadable safetensors file (truncated or corrupt: {msg})") from None
+
+
+def _fill(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, where: str) -> dict:
+    """Place streamed HF tensors into preallocated leaves; check names and shapes; return the jax tree."""
+    table = {e.hf_name: e for e in tensor_table(config)}
+    buffers: dict[tuple[str, ...], np.ndarray] = {}
+    for e in table.values():
+        if e.path not in buffers:
+            shape = tuple(reversed(e.hf_shape)) if e.transpose else e.hf_shape
+            if e.layer is not None:
+                shape = (config.num_hidden_layers, *shape)
+            buffers[e.path] = np.empty(shape, dtype)
+    seen: set[str] = set()
+    for name, value in tensors:
+        e: TensorEntry | None = table.get(name)
+        if e is None:
+            if name.endswith(_BENIGN_EXTRA) or (name == "lm_head.weight" and config.tie_word_embeddings):
+                continue
+            raise ValueError(f"{where}: unexpected tensor '{name}' for a {config.model_type} model with this config")
+        if tuple(value.shape) != e.hf_shape:
+            raise ValueError(f"{where}: tensor '{name}' has shape {tuple(value.shape)}, the config expects {e.hf_shape}")
+        value = value.T if e.transpose else value
+        if e.layer is None:
+            buffers[e.path][...] = value
+        else:
+            buffers[e.path][e.layer] = value
+        seen.add(name)
+    missing = [n for n in table if n not in seen]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(f"{where}: missing tensors {', '.join(missing[:3])}{more}; the file is incomplete or "
+                         "does not match its config")
+    params: dict[str, Any] = {}
+    for path in list(buffers):
+        node = params
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = jnp.asarray(buffers.pop(path))  # free each host buffer as soon as it is on the device
+    return params
+
+
+def load_config(path: str) -> LlamaConfig:
+    """The `LlamaConfig` of an HF directory, a `.gguf` file or the embedded model, without reading weights."""
+    path = resolve_model_path(path)
+    if os.path.isdir(path):
+        return from_hf(_read_json(os.path.join(path, "config.json")))
+    if path.endswith(".gguf"):
+        from jaxft.io.gguf import config_from_gguf, open_gguf
+
+        return config_from_gguf(open_gguf(path), path)
+    raise _bad_path(path)
+
+
+def _bad_path(path: str) -> Exception:
+    if not os.path.exists(path):
+        return FileNotFoundError(f"{path}: no such file or directory (expected an HF model directory, a .gguf file "
+                                 "or 'smollm2-135m-instruct')")
+    return ValueError(f"{path}: not an HF model directory, a .gguf file or 'smollm2-135m-instruct'")
+
+
+def load_pretrained(path: str, dtype="float32") -> tuple[LlamaConfig, dict]:
+    """Load `(config, params)` from an HF directory (safetensors), a `.gguf` file, or `smollm2-135m-instruct`.
+
+    `dtype` is the parameter dtype (float32, bfloat16, float16). Tensors are streamed one at a time.
+    """
+    np_dtype = _np_dtype(dtype)
+    path = resolve_model_path(path)
+    if os.path.isdir(path):
+        config = from_hf(_read_json(os.path.join(path, "config.json")))
+        tensors = _iter_safetensors(_safetensors_files(path))
+    elif path.endswith(".gguf") and os.path.isfile(path):
+        from jaxft.io.gguf import config_from_gguf, iter_gguf_tensors, open_gguf
+
+        reader = open_gguf(path)
+        config = config_from_gguf(reader, path)
+        tensors = iter_gguf_tensors(reader, config, path)
+    else:
+        raise _bad_path(path)
+    return config, _fill(config, tensors, np_dtype, path)
+
+
+def _shard_bytes(limit: int | str) -> int:
+    if isinstance(limit, int):
+        return limit
+    units = {"KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    s = limit.strip().upper()
+    for u, m in sorted(units.items(), key=lambda kv: -len(kv[0])):
+        if s.endswith(u):
+            return int(float(s[: -len(u)]) * m)
+    return int(s)
+
+
+def save_pretrained(config: LlamaConfig, params: dict, out_dir: str, tokenizer=None, *, dtype=None,
+                    max_shard_size: int | str = "2GB", overwrite: bool = False) -> str:
+    """Write an HF model directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
+
+    Composite leaves (LoRA, DoRA, ...) are materialised. Tensors are written in shards of at most `max_shard_size`
+    with an index when there is more than one. The directory is assembled beside `out_dir` and moved into place, so
+    a crash never leaves a half-written model; an existing non-empty `out_dir` is refused unless `overwrite`.
+    """
+    from safetensors.numpy import save_file
+
+    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir}: exists and is not empty; choose another directory or pass overwrite=True")
+    np_dtype = _np_dtype(dtype) if dtype is not None else None
+    parent = os.path.dirname(os.path.abspath(out_dir))
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".jaxft-save-", dir=parent)
+    try:
+        limit = _shard_bytes(max_shard_size)
+        shards: list[dict[str, np.ndarray]] = [{}]
+        size, written_dtype = 0, None
+        for name, value in iter_hf_tensors(config, params, np_dtype):
+            written_dtype = written_dtype or value.dtype
+            if shards[-1] and size + value.nbytes > limit:
+                shards.append({})
+                size = 0
+            shards[-1][name] = value
+            size += value.nbytes
+        # Writing shard by shard keeps at most one shard in host memory beyond the params themselves.
+        n = len(shards)
+        weight_map, total = {}, 0
+        for i, shard in enumerate(shards):
+            fname = "model.safetensors" if n == 1 else f"model-{i + 1:05d}-of-{n:05d}.safetensors"
+            save_file(shard, os.path.join(tmp, fname), metadata={"format": "pt"})
+            for k, v in shard.items():
+                weight_map[k] = fname
+                total += v.nbytes
+            shards[i] = {}
+        if n > 1:
+            with open(os.path.join(tmp, "model.safetensors.index.json"), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        hf = to_hf(config)
+        hf["torch_dtype"] = {"bfloat16": "bfloat16", "float16": "float16"}.get(str(written_dtype), "float32")
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf, f, indent=2)
+        gen = {k: hf[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if hf.get(k) is not None}
+        with open(os.path.join(tmp, "generation_config.json"), "w") as f:
+            json.dump(gen, f, indent=2)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir

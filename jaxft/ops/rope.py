@@ -1,0 +1,50 @@
+"""Rotary position embeddings from explicit positions, with transformers' `default`, `linear` and `llama3` scaling."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft.models.config import LlamaConfig
+
+
+def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+    """`inv_freq[head_dim // 2]` in float32, computed in the order transformers computes it."""
+    dim = config.head_dim
+    exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
+    rs = config.rope_scaling
+    if rs.rope_type == "linear":
+        inv_freq = (inv_freq / np.float32(rs.factor)).astype(np.float32)
+    elif rs.rope_type == "llama3":
+        low_wavelen = rs.original_max_position_embeddings / rs.low_freq_factor
+        high_wavelen = rs.original_max_position_embeddings / rs.high_freq_factor
+        wavelen = (np.float32(2 * math.pi) / inv_freq).astype(np.float32)
+        scaled = np.where(wavelen > low_wavelen, inv_freq / np.float32(rs.factor), inv_freq).astype(np.float32)
+        smooth = ((rs.original_max_position_embeddings / wavelen - rs.low_freq_factor)
+                  / (rs.high_freq_factor - rs.low_freq_factor)).astype(np.float32)
+        smoothed = ((1 - smooth) * scaled / np.float32(rs.factor) + smooth * scaled).astype(np.float32)
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        inv_freq = np.where(medium, smoothed, scaled).astype(np.float32)
+    return inv_freq
+
+
+def rope_tables(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`cos, sin[B, T, head_dim]` (float32) for integer `positions[B, T]`."""
+    inv_freq = jnp.asarray(inverse_frequencies(config))
+    freqs = positions.astype(jnp.float32)[..., None] * inv_freq
+    emb = jnp.concatenate([freqs, freqs], axis=-1)
+    return jnp.cos(emb), jnp.sin(emb)
+
+
+def apply_rope(x_bthd: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate `x[B, T, H, hd]` by the tables `cos, sin[B, T, hd]` (transformers' rotate-half layout)."""
+    half = x_bthd.shape[-1] // 2
+    x1, x2 = x_bthd[..., :half], x_bthd[..., half:]
+    rotated = jnp.concatenate([-x2, x1], axis=-1)
+    cos = cos[:, :, None, :].astype(x_bthd.dtype)
+    sin = sin[:, :, None, :].astype(x_bthd.dtype)
+    return x_bthd * cos + rotated * sin
