@@ -61,7 +61,9 @@ class DataConfig:
     loss_on: `assistant` (every assistant turn), `all` (every token), `completion` (the assistant turns of the final
       completion: the `completion` column of prompt/completion data, otherwise the last run of assistant turns),
       `last_turn` (the last assistant turn only). A turn's trained span is its content and the end-of-turn token.
-    truncation: `drop` an over-long example, or cut it from the `left` while the final completion still fits whole.
+      A `text` record trains every token whatever `loss_on` says.
+    truncation: `drop` an over-long example, or cut it from the `left` while the final completion and at least one
+      token before it still fit (else drop). A `text` record longer than seq_len is dropped under both policies.
     mixing: `weight` (p_i proportional to weight_i) or `temperature` (p_i proportional to N_i ** temperature).
     on_malformed: `skip` (and count, with the first line numbers) or `fail` on the first malformed record.
     dedup: drop exact duplicate records (after whitespace normalisation) from train and from eval.
@@ -105,7 +107,7 @@ class DataConfig:
             raise ConfigError("data: source weights are not used with mixing: temperature; remove them or set mixing: weight")
 
 
-def _normalize_sources(value: Any, where: str) -> Any:
+def _normalize_sources(value: Any) -> Any:
     if isinstance(value, (str, Mapping)):
         value = [value]
     if not isinstance(value, (list, tuple)):
@@ -122,7 +124,7 @@ def data_config_from_dict(data: Mapping[str, Any] | None, where: str = "data") -
     data = dict(data)
     for key in ("train", "eval"):
         if key in data and data[key] is not None:
-            data[key] = _normalize_sources(data[key], f"{where}.{key}")
+            data[key] = _normalize_sources(data[key])
     if data.get("eval") is None:
         data.pop("eval", None)
     return from_dict(DataConfig, data, where)

@@ -182,7 +182,7 @@ def prepare(cfg: DataConfig, tokenizer) -> Prepared:
         eval_sets = _dedup(eval_sets, eval_stats)
     if not cfg.eval and (cfg.eval_size or cfg.eval_fraction):
         train_sets, carved = _carve(cfg, train_sets, train_stats)
-        eval_stats = [SourceStats(where="data.eval", path="(carved from train)", format="mixed", read=len(carved))]
+        eval_stats = [SourceStats(where="data.eval", path="(carved from train)", format="mixed", read=len(carved), carved=True)]
         eval_sets = [carved]
     if cfg.decontaminate and eval_sets:
         eval_keys = {c.key() for s in eval_sets for c in s}

@@ -30,6 +30,7 @@ class SourceStats:
     drawn: int = 0
     tokens: int = 0
     trained_tokens: int = 0
+    carved: bool = False  # the eval split carved from train: its records were counted as read by the train sources
 
     def add_malformed(self, number: int, reason: str) -> None:
         self.malformed += 1
@@ -82,7 +83,7 @@ class Stats:
 
     @property
     def records_read(self) -> int:
-        return self._sum("read")
+        return sum(s.read for s in self.sources if not s.carved)
 
     @property
     def malformed(self) -> int:
