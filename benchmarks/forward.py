@@ -11,7 +11,8 @@ import time
 
 import numpy as np
 
-sys.path.insert(0, __import__("os").path.dirname(__file__))
+_here = __import__("os").path.dirname(__import__("os").path.abspath(__file__))
+sys.path[:0] = [_here, __import__("os").path.dirname(_here)]
 from common import record, timeit, torch_smollm  # noqa: E402
 
 
