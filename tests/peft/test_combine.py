@@ -334,3 +334,12 @@ def test_dare_deltas_key_draws_density():
     want = dare_deltas(ds, [1.0, 1.0], 0.3, drop_masks=masks)
     assert np.array_equal(got, want)
     assert np.allclose(np.unique(np.asarray(got)), [0.0, 1 / 0.3, 2 / 0.3], rtol=1e-6)
+
+
+def test_lora_factors_is_a_pytree_with_static_scale():
+    import jax
+
+    lf = LoraFactors(jnp.ones((2, 8, 3)), jnp.ones((2, 3, 5)), 0.5, alpha=4.0, rslora=True)
+    assert len(jax.tree_util.tree_leaves(lf)) == 2 and lf.rank == 3
+    out = jax.jit(lambda f: f.delta())(lf)
+    assert out.shape == (2, 8, 5) and np.allclose(out, 1.5)
