@@ -8,15 +8,18 @@ composite weight leaves that compute the method (see DESIGN.md, "weights are typ
     peft.save_adapter(spec, adapter, "out/")             # adapter_config.json + adapter_model.safetensors (peft's)
 """
 
+from jaxft.peft.io import load_adapter, save_adapter
 from jaxft.peft.merge import dora_norms, merge, unmerge
 from jaxft.peft.prompt import check_unpacked, prompt_inputs
 from jaxft.peft.specs import (BitFitSpec, DoraSpec, HoulsbySpec, IA3Spec, LoraSpec, PrefixTuningSpec,
                               PromptTuningSpec)
 from jaxft.peft.tree import bind, init, mask_updates, trainable_mask
+from jaxft.peft.serve import VLLM_RANKS, to_lora, vllm_warnings
 from jaxft.peft.types import IA3, Dora, Houlsby, Lora
 
 __all__ = [
     "BitFitSpec", "Dora", "DoraSpec", "Houlsby", "HoulsbySpec", "IA3", "IA3Spec", "Lora", "LoraSpec",
-    "PrefixTuningSpec", "PromptTuningSpec", "bind", "check_unpacked", "dora_norms", "init", "mask_updates", "merge",
-    "prompt_inputs", "trainable_mask", "unmerge",
+    "PrefixTuningSpec", "PromptTuningSpec", "VLLM_RANKS", "bind", "check_unpacked", "dora_norms", "init",
+    "load_adapter", "mask_updates", "merge", "prompt_inputs", "save_adapter", "to_lora", "trainable_mask", "unmerge",
+    "vllm_warnings",
 ]
