@@ -1,0 +1,25 @@
+"""PEFT as functional parameter trees: a typed spec per method, an adapter tree beside the frozen base tree, and
+composite weight leaves that compute the method (see DESIGN.md, "weights are types, adapters are trees").
+
+    adapter = peft.init(peft.LoraSpec(r=16, target_modules="all-linear"), config, params, rng)
+    loss = lambda adapter: loss_fn(jaxft.forward(config, peft.bind(params, spec, adapter), ids))
+    grads = jax.grad(loss)(adapter)                      # the base tree gets no gradient and no optimizer state
+    merged = peft.merge(params, spec, adapter)           # plain arrays, the base tree's structure and dtypes
+    peft.save_adapter(spec, adapter, "out/")             # adapter_config.json + adapter_model.safetensors (peft's)
+"""
+
+from jaxft.peft.io import load_adapter, save_adapter
+from jaxft.peft.merge import dora_norms, merge, unmerge
+from jaxft.peft.prompt import check_unpacked, prompt_inputs
+from jaxft.peft.specs import (BitFitSpec, DoraSpec, HoulsbySpec, IA3Spec, LoraSpec, PrefixTuningSpec,
+                              PromptTuningSpec)
+from jaxft.peft.tree import bind, init, mask_updates, trainable_mask
+from jaxft.peft.serve import VLLM_RANKS, to_lora, vllm_warnings
+from jaxft.peft.types import IA3, Dora, Houlsby, Lora
+
+__all__ = [
+    "BitFitSpec", "Dora", "DoraSpec", "Houlsby", "HoulsbySpec", "IA3", "IA3Spec", "Lora", "LoraSpec",
+    "PrefixTuningSpec", "PromptTuningSpec", "VLLM_RANKS", "bind", "check_unpacked", "dora_norms", "init",
+    "load_adapter", "mask_updates", "merge", "prompt_inputs", "save_adapter", "to_lora", "trainable_mask", "unmerge",
+    "vllm_warnings",
+]
