@@ -88,6 +88,20 @@ def evaluate(model, tok, records: list[dict], max_new_tokens: int, batch_size: i
     return right / len(records), contains / len(records), misses
 
 
+def _answer_loss(peft_model, ids: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy over the answer tokens; ids/mask/labels [batch, seq].
+
+    Same value as `model(..., labels=labels).loss`, but the 49152-wide head runs only at the ~12 answer positions
+    per record instead of all ~60, which saves about a fifth of the step on CPU.
+    """
+    causal_lm = peft_model.get_base_model()
+    hidden_bsd = causal_lm.model(input_ids=ids, attention_mask=mask).last_hidden_state
+    targets_bs = labels[:, 1:]
+    keep_bs = targets_bs != -100
+    logits_nv = causal_lm.lm_head(hidden_bsd[:, :-1][keep_bs])
+    return torch.nn.functional.cross_entropy(logits_nv, targets_bs[keep_bs])
+
+
 def train_lora(model, tok, records: list[dict], args) -> object:
     """Wrap `model` in a peft LoRA and train it for `args.train_steps` steps of AdamW; returns the peft model."""
     from peft import LoraConfig, get_peft_model
@@ -124,7 +138,7 @@ def train_lora(model, tok, records: list[dict], args) -> object:
         for row, (x, y) in enumerate(batch):  # right padding for training
             ids[row, :len(x)], labels[row, :len(y)], mask[row, :len(x)] = torch.tensor(x), torch.tensor(y), 1
         tokens += int(mask.sum())
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        loss = _answer_loss(model, ids, mask, labels)
         loss.backward()
         opt.step()
         sched.step()
