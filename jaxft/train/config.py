@@ -128,7 +128,7 @@ def parse_config(raw: Mapping[str, Any], where: str = "config") -> TrainConfig:
     if "data" not in raw:
         raise ConfigError(f"{where}: missing required section 'data' (train: [path/to/train.jsonl])")
     data = data_config_from_dict(raw.pop("data"), "data")
-    cfg = from_dict(TrainConfig, dict(raw, data=data), where)
+    cfg = from_dict(TrainConfig, dict(raw, data=data), "")
     method_spec(cfg.method)  # validate now, before any compute
     init_from = cfg.method.get("init_from")
     if init_from is not None and not isinstance(init_from, str):
@@ -139,7 +139,10 @@ def parse_config(raw: Mapping[str, Any], where: str = "config") -> TrainConfig:
 def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
     """Read `path` (YAML), apply dotted overrides, validate."""
     raw = apply_overrides(load_yaml(path), list(overrides))
-    return parse_config(raw, path)
+    try:
+        return parse_config(raw, path)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def resolved_dict(cfg: TrainConfig) -> dict[str, Any]:
