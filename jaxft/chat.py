@@ -34,7 +34,7 @@ def main(argv=None) -> int:
         if args.adapter:
             from jaxft import peft
 
-            spec, adapter = peft.load_adapter(args.adapter, config, params)
+            spec, adapter = peft.load_adapter(args.adapter, config)
             params = peft.bind(params, spec, adapter)
         if tokenizer.chat_template is None:
             raise ValueError(f"{args.model}: the tokenizer has no chat template")

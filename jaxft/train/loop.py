@@ -142,7 +142,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     if spec is None:
         trainable, frozen = jax.tree.map(lambda a: a.astype(jnp.float32), params), None
     elif cfg.method.get("init_from"):
-        spec, trainable = peft.load_adapter(cfg.method["init_from"], config, params)
+        spec, trainable = peft.load_adapter(cfg.method["init_from"], config)
         frozen = params
     else:
         trainable = peft.init(spec, config, params, init_key, tokenizer=tokenizer)
