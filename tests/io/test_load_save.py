@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import jaxft
-from conftest import hf_tiny, rel_err
+from jaxft.testing import hf_tiny, rel_err
 
 
 @pytest.fixture(scope="module")
