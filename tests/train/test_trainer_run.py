@@ -5,7 +5,9 @@ directory holds what it promises (config.yaml, run.json, metrics.jsonl, curves.p
 
 from __future__ import annotations
 
+import contextlib
 import importlib.metadata as md
+import io
 import json
 import math
 import os
@@ -87,15 +89,17 @@ def tmp(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def runs(tmp):
-    """Run A uninterrupted (in this process); run B preempted by SIGTERM after its first checkpoint (a child), then
-    re-run with the same config through `python -m jaxft.train` (it resumes)."""
+    """Run A uninterrupted; run B preempted by SIGTERM after its first checkpoint (`python -m jaxft.train`'s main in a
+    child process), then re-run with the same config (it resumes). A and the resume run in this process."""
     a, b = str(tmp / "run_a"), str(tmp / "run_b")
     assert main([_yaml(tmp, "a", _config(tmp, a))]) == 0
     cfg_b = _yaml(tmp, "b", _config(tmp, b))
     first = subprocess.run([sys.executable, os.path.join(HERE, "trainer_child.py"), cfg_b], env=_env(), cwd=ROOT,
                            capture_output=True, text=True, timeout=300)
-    second = subprocess.run([sys.executable, "-m", "jaxft.train", cfg_b], env=_env(), cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main([cfg_b])
+    second = subprocess.CompletedProcess([cfg_b], code, out.getvalue(), "")
     return {"tmp": tmp, "a": a, "b": b, "first": first, "second": second}
 
 
@@ -107,9 +111,12 @@ def _steps(run_dir: str) -> dict[int, float]:
 def test_preempted_run_resumes_bitwise(runs):
     first, second = runs["first"], runs["second"]
     assert first.returncode == 0, first.stderr[-3000:]
-    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.returncode == 0, second.stdout[-3000:]
+    assert "SIGTERM received: checkpoint saved at step 3" in first.stdout, first.stdout[-2000:]
     assert "resuming" in second.stdout and f"from step {SAVE_EVERY}" in second.stdout, second.stdout[-2000:]
     # the preempted process stopped at the checkpoint: it logged steps 1..3 only, the resumed one 4..6
+    rows_b = [json.loads(line) for line in open(os.path.join(runs["b"], "metrics.jsonl"))]
+    assert len([r for r in rows_b if r["kind"] == "train"]) == STEPS  # no step logged twice
     sb, sa = _steps(runs["b"]), _steps(runs["a"])
     assert sorted(sa) == list(range(1, STEPS + 1)) and sorted(sb) == sorted(sa)
     assert [sb[s] for s in sorted(sb)] == [sa[s] for s in sorted(sa)]  # bitwise equal loss curves
