@@ -153,7 +153,7 @@ def load_adapter(peft_dir: str, config: LlamaConfig, *, dtype=jnp.float32) -> tu
             set_path(adapter, tuple(key.split(".")), jnp.asarray(value, dtype))
         return spec, adapter
     params = abstract_params(config)
-    adapter, expected = _fill_tree(spec, params, dtype)
+    adapter, expected = _fill_tree(spec, params, cfg_path)
     for key, value in tensors.items():
         if key not in expected:
             raise ValueError(f"{w_path}: tensor '{key}' does not belong to this adapter config on a "
@@ -181,12 +181,12 @@ def _short_modules(expected: dict) -> str:
     return ", ".join(sorted({k.rsplit(".", 2)[0].split(".")[-1] for k in expected})) or "none left"
 
 
-def _fill_tree(spec: Any, params: dict, dtype) -> tuple[dict, dict]:
+def _fill_tree(spec: Any, params: dict, where: str) -> tuple[dict, dict]:
     """Host buffers of the adapter (zeros, ones for IA3) and the table of expected peft tensors:
     key -> (adapter path, index into the leaf, transform from peft's layout, peft shape)."""
     adapter: dict = {}
     expected: dict = {}
-    for mp in plan(spec, params):
+    for mp in plan(spec, params, where):
         path = (*mp.module.path, "kernel")
         n, d_in, d_out = len(mp.active), mp.module.d_in, mp.module.d_out
         lead = (n,) if mp.module.stacked else ()

@@ -1,0 +1,97 @@
+"""Gradients and optimizer state only for the adapter (optax.adamw state holds exactly the adapter's leaves), and
+frozen entries (rank padding, untransformed layers) that neither receive gradient nor move under weight decay."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxft
+from jaxft import peft as jpeft
+
+CONFIG = jaxft.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, tie_word_embeddings=False,
+                           initializer_range=0.2)
+PARAMS = jaxft.init_params(CONFIG, jax.random.key(0))
+IDS = jax.random.randint(jax.random.key(1), (2, 9), 0, CONFIG.vocab_size)
+LINEAR = {"self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+
+
+def _loss(spec, params=PARAMS, options=jaxft.ModelOptions()):
+    def loss(adapter):
+        logits = jaxft.forward(CONFIG, jpeft.bind(params, spec, adapter), IDS[:, :-1], options=options)
+        logp = jax.nn.log_softmax(logits, axis=-1)
+        return -jnp.mean(jnp.take_along_axis(logp, IDS[:, 1:, None], axis=-1))
+
+    return loss
+
+
+def _noisy(tree, key=3, scale=0.2):
+    leaves, treedef = jax.tree.flatten(tree)
+    keys = jax.random.split(jax.random.key(key), len(leaves))
+    return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
+
+
+def _expected_size(spec) -> int:
+    """The stored adapter's size from the base shapes: per target module, L * r * (in + out) (every layer is stored,
+    transformed or not; these specs give each module one rank), + L * out for DoRA's magnitude, + L * (in or out)
+    for IA3, + the full lm_head copy of modules_to_save."""
+    targets = spec.target_modules
+    if targets == "all-linear":
+        targets = [m for g in LINEAR.values() for m in g]
+    elif isinstance(targets, str):  # the IA3 regex below
+        targets = ["k_proj", "down_proj"]
+    total = 0
+    for g, mods in LINEAR.items():
+        for m in set(mods) & set(targets):
+            _, d_in, d_out = PARAMS["model"]["layers"][g][m]["kernel"].shape
+            if isinstance(spec, jpeft.IA3Spec):
+                total += 3 * (d_in if m == "down_proj" else d_out)
+                continue
+            r = dict(spec.rank_pattern).get(m, spec.r)
+            total += 3 * (r * (d_in + d_out) + (d_out if isinstance(spec, jpeft.DoraSpec) else 0))
+    return total + (32 * 61 if getattr(spec, "modules_to_save", ()) else 0)
+
+
+@pytest.mark.parametrize("spec", [
+    jpeft.LoraSpec(r=4, target_modules=("q_proj", "o_proj", "down_proj"), layers_to_transform=(0, 2),
+                   rank_pattern={"down_proj": 2},
+                   modules_to_save=("lm_head",)),
+    jpeft.DoraSpec(r=4, target_modules=("v_proj", "up_proj"), layers_to_transform=(1,), rank_pattern={"v_proj": 3}),
+    jpeft.IA3Spec(target_modules=r"model\.layers\.[01]\.(self_attn\.k_proj|mlp\.down_proj)"),
+], ids=["lora_patterns_modules_to_save", "dora_layers", "ia3_regex_partial"])
+def test_only_adapter_entries_train(spec):
+    """Gradients and optimizer state exist only for the adapter tree; its frozen entries (padding of smaller ranks,
+    untransformed layers) neither change the output, nor get gradient, nor move under AdamW's weight decay."""
+    adapter = jpeft.init(spec, CONFIG, PARAMS, jax.random.key(0))
+    mask = jpeft.trainable_mask(spec, PARAMS, adapter)
+    assert jax.tree.structure(mask) == jax.tree.structure(adapter)
+    assert any(not np.all(m) for m in jax.tree.leaves(mask))
+    n_adapter = sum(x.size for x in jax.tree.leaves(adapter))
+    assert n_adapter == _expected_size(spec)
+    # random values everywhere, frozen entries included: they must not change the output or receive gradient
+    noisy = _noisy(adapter)
+    cleaned = jax.tree.map(lambda n, a, m: jnp.where(m, n, a), noisy, adapter, mask)
+    value_and_grad = jax.jit(jax.value_and_grad(_loss(spec)))
+    loss_noisy, grads = value_and_grad(noisy)
+    loss_clean, _ = value_and_grad(cleaned)
+    assert float(loss_noisy) == pytest.approx(float(loss_clean), rel=1e-6)
+    assert jax.tree.structure(grads) == jax.tree.structure(adapter)
+    for g, m in zip(jax.tree.leaves(grads), jax.tree.leaves(mask)):
+        assert not np.any(np.asarray(g)[~m])
+        assert np.any(np.asarray(g)[m])
+    opt = optax.chain(optax.adamw(1e-2, weight_decay=0.5), jpeft.mask_updates(mask))
+    state, params = opt.init(cleaned), cleaned
+    arrays = [x for x in jax.tree.leaves(state) if np.ndim(x) > 0]
+    assert len(arrays) == 2 * len(jax.tree.leaves(adapter))  # AdamW's mu and nu of each adapter leaf, nothing else
+    assert sum(x.size for x in arrays) == 2 * n_adapter
+    for _ in range(3):
+        updates, state = opt.update(value_and_grad(params)[1], state, params)
+        params = optax.apply_updates(params, updates)
+    for new, old, m in zip(jax.tree.leaves(params), jax.tree.leaves(cleaned), jax.tree.leaves(mask)):
+        np.testing.assert_array_equal(np.asarray(new)[~m], np.asarray(old)[~m])
+        assert np.any(np.asarray(new)[m] != np.asarray(old)[m])
+
