@@ -49,6 +49,8 @@ def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
 def check_output_dir(cfg: TrainConfig) -> bool:
     """True when `output_dir` holds this very run (resume); raise if it holds anything else."""
     out = cfg.output_dir
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ConfigError(f"output_dir {out}: exists and is a file; choose a directory path")
     if not os.path.exists(out) or not os.listdir(out):
         return False
     saved = os.path.join(out, "config.yaml")
@@ -187,6 +189,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     # ---- training ----
     stop_reason, best_loss, last = "completed", math.inf, {}
     t_train, tokens_seen, compile_s = time.perf_counter(), 0.0, None
+    from jaxft.train.optim import warmup_steps
+
+    settle = max(10, warmup_steps(cfg.optim, total_steps))  # divergence is judged after warm-up
     bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
     with StopSignal() as stop:
         while step < total_steps:
@@ -197,7 +202,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             loss = float(m["loss"])
             if compile_s is None:
                 compile_s = time.perf_counter() - t
-            if not math.isfinite(loss) or (step > 10 and loss > cfg.train.divergence_factor * best_loss):
+            if not math.isfinite(loss) or (step > settle and loss > cfg.train.divergence_factor * best_loss):
                 # the failed update is dropped: the last good checkpoint stays the one a resume takes
                 stop_reason = (f"loss {loss:.4g} at step {step + 1} is "
                                f"{'not finite' if not math.isfinite(loss) else 'diverging'}; stopped without "
