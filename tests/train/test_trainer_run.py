@@ -201,3 +201,24 @@ def test_config_mistakes_are_one_line_errors(tmp, capsys):
     line = _error_line(capsys)
     assert "no usable record" in line and "5 malformed" in line, line
     assert not os.path.exists(out)  # nothing was written for any of them
+
+
+def test_diverging_loss_stops_and_keeps_last_good_checkpoint(tmp):
+    """An absurd learning rate makes the loss blow up: the run exits 1 with a clear message, the failed update is
+    not saved, and the latest checkpoint is an earlier, finite one."""
+    out = str(tmp / "run_diverge")
+    cfg = _config(tmp, out, optim={"lr": 3e3, "warmup_steps": 0, "max_grad_norm": None},
+                  train={"steps": 40, "save_every": 2, "divergence_factor": 2.0})
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        code = main([_yaml(tmp, "diverge", cfg)])
+    text = buf.getvalue()
+    assert code == 1, text[-2000:]
+    summary = json.load(open(os.path.join(out, "summary.json")))
+    stopped = summary["stopped"]
+    assert ("diverging" in stopped or "not finite" in stopped) and "last good checkpoint: step" in stopped
+    kept = int(stopped.split("last good checkpoint: step ")[1].split(")")[0])
+    assert kept < summary["steps"] + 1
+    losses = _steps(out)
+    assert all(math.isfinite(v) for v in losses.values())  # the bad step was never logged as a step taken
+    assert not os.path.exists(os.path.join(out, "adapter"))  # nothing exported from a failed run
