@@ -208,7 +208,7 @@ def test_diverging_loss_stops_and_keeps_last_good_checkpoint(tmp):
     not saved, and the latest checkpoint is an earlier, finite one."""
     out = str(tmp / "run_diverge")
     cfg = _config(tmp, out, optim={"lr": 3e3, "warmup_steps": 0, "max_grad_norm": None},
-                  train={"steps": 40, "save_every": 2, "divergence_factor": 2.0})
+                  train={"steps": 40, "save_every": 1, "divergence_factor": 2.0})
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
         code = main([_yaml(tmp, "diverge", cfg)])
