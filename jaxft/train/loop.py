@@ -81,14 +81,21 @@ def _exact_match(model, trainable, frozen, tokenizer, prepared, cfg: TrainConfig
     from jaxft.train.step import bound_params, is_prompt_method
 
     items = prepared.eval_generation[: cfg.eval.generate]
-    if not items or is_prompt_method(model.spec):
+    if not items:
         return None
     params = bound_params(model, trainable, frozen)
+    extra = {}
+    if is_prompt_method(model.spec):
+        if "prompt_embeddings" in trainable:
+            extra["virtual_tokens"] = trainable["prompt_embeddings"]
+        else:
+            extra["prefix"] = (trainable["prefix_keys"], trainable["prefix_values"])
     eos = {tokenizer.eos_token_id}
     eid = model.config.eos_token_id
     eos |= set(eid) if isinstance(eid, tuple) else ({eid} if eid is not None else set())
     outs = greedy_generate(model.config, params, [list(p) for p, _ in items], max_new_tokens=cfg.eval.max_new_tokens,
-                           eos_token_ids=sorted(eos), batch_size=cfg.eval.batch_size, options=model.options)
+                           eos_token_ids=sorted(eos), batch_size=cfg.eval.batch_size, options=model.options,
+                           **extra)
     hits = sum(tokenizer.decode(o, skip_special_tokens=True).strip() == ref.strip() for o, (_, ref) in zip(outs, items))
     return hits / len(items)
 
