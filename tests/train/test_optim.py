@@ -112,7 +112,8 @@ def _jax_run(tree, grads_seq, cfg, total):
 
 CASES = {
     "cosine_warmup_clip_decay": (_full_tree, OptimConfig(lr=1e-2, warmup_steps=3, weight_decay=0.1, max_grad_norm=4.0),
-                                 _hf(hf_opt.get_cosine_schedule_with_warmup, num_warmup_steps=3, num_training_steps=STEPS)),
+                                 _hf(hf_opt.get_cosine_schedule_with_warmup, num_warmup_steps=3,
+                                     num_training_steps=STEPS)),
     "linear_no_clip": (_full_tree, OptimConfig(lr=3e-2, schedule="linear", warmup_ratio=0.2, weight_decay=0.05,
                                                max_grad_norm=None, b1=0.8, b2=0.95, eps=1e-6),
                        _hf(hf_opt.get_linear_schedule_with_warmup, num_warmup_steps=2, num_training_steps=STEPS)),
@@ -148,11 +149,11 @@ def test_matches_torch_adamw(case):
     ("cosine", 5, 0.0, _hf(hf_opt.get_cosine_schedule_with_warmup, num_warmup_steps=5, num_training_steps=40)),
     ("linear", 5, 0.0, _hf(hf_opt.get_linear_schedule_with_warmup, num_warmup_steps=5, num_training_steps=40)),
     ("constant", 5, 0.0, _hf(hf_opt.get_constant_schedule_with_warmup, num_warmup_steps=5)),
-    ("cosine", 5, 0.2, _hf(hf_opt.get_cosine_with_min_lr_schedule_with_warmup, num_warmup_steps=5, num_training_steps=40,
-        min_lr_rate=0.2)),
+    ("cosine", 5, 0.2, _hf(hf_opt.get_cosine_with_min_lr_schedule_with_warmup, num_warmup_steps=5,
+                           num_training_steps=40, min_lr_rate=0.2)),
     # transformers has no linear-with-floor; its WSD schedule with no warm-up and no stable phase is one.
     ("linear", 0, 0.2, _hf(hf_opt.get_wsd_schedule, num_warmup_steps=0, num_stable_steps=0, num_decay_steps=40,
-        decay_type="linear", min_lr_ratio=0.2)),
+                           decay_type="linear", min_lr_ratio=0.2)),
 ])
 def test_schedule_matches_transformers(schedule, warm, min_ratio, reference):
     cfg = OptimConfig(lr=3e-4, schedule=schedule, warmup_steps=warm, min_lr_ratio=min_ratio)
@@ -182,7 +183,8 @@ def test_decay_mask_excludes_norms_biases_and_vectors():
     assert {n for n, m in mask.items() if not m} == NO_DECAY
     lora_mask = _flat(decay_mask(_lora_tree(np.random.default_rng(0))))
     assert all(lora_mask.values())
-    vec = _flat(decay_mask({"prompt": {"bias_free": np.zeros(4)}, "model": {"layers": {"ia3": {"l": np.ones((L, 5))}}}}))
+    vectors = {"prompt": {"bias_free": np.zeros(4)}, "model": {"layers": {"ia3": {"l": np.ones((L, 5))}}}}
+    vec = _flat(decay_mask(vectors))
     assert vec == {"prompt.bias_free": False, "model.layers.ia3.l": False}
 
 
