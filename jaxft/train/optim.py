@@ -168,7 +168,7 @@ def clip_by_global_norm_torch(max_norm: float) -> optax.GradientTransformation:
 
     def update(updates, state, params=None):
         del params
-        coef = jnp.minimum(1.0, max_norm / (optax.global_norm(updates) + 1e-6))
+        coef = jnp.minimum(1.0, max_norm / (optax.tree.norm(updates) + 1e-6))
         return jax.tree.map(lambda g: g * coef.astype(g.dtype), updates), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

@@ -8,8 +8,6 @@ parameter names (no-decay set, depth per name), not from jaxft's functions.
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 import pytest
@@ -112,7 +110,8 @@ def _jax_run(tree, grads_seq, cfg, total):
 
 CASES = {
     "cosine_warmup_clip_decay": (_full_tree, OptimConfig(lr=1e-2, warmup_steps=3, weight_decay=0.1, max_grad_norm=4.0),
-                                 _hf(hf_opt.get_cosine_schedule_with_warmup, num_warmup_steps=3, num_training_steps=STEPS)),
+                                 _hf(hf_opt.get_cosine_schedule_with_warmup, num_warmup_steps=3,
+                                     num_training_steps=STEPS)),
     "linear_no_clip": (_full_tree, OptimConfig(lr=3e-2, schedule="linear", warmup_ratio=0.2, weight_decay=0.05,
                                                max_grad_norm=None, b1=0.8, b2=0.95, eps=1e-6),
                        _hf(hf_opt.get_linear_schedule_with_warmup, num_warmup_steps=2, num_training_steps=STEPS)),
@@ -148,11 +147,11 @@ def test_matches_torch_adamw(case):
     ("cosine", 5, 0.0, _hf(hf_opt.get_cosine_schedule_with_warmup, num_warmup_steps=5, num_training_steps=40)),
     ("linear", 5, 0.0, _hf(hf_opt.get_linear_schedule_with_warmup, num_warmup_steps=5, num_training_steps=40)),
     ("constant", 5, 0.0, _hf(hf_opt.get_constant_schedule_with_warmup, num_warmup_steps=5)),
-    ("cosine", 5, 0.2, _hf(hf_opt.get_cosine_with_min_lr_schedule_with_warmup, num_warmup_steps=5, num_training_steps=40,
-        min_lr_rate=0.2)),
+    ("cosine", 5, 0.2, _hf(hf_opt.get_cosine_with_min_lr_schedule_with_warmup, num_warmup_steps=5,
+                           num_training_steps=40, min_lr_rate=0.2)),
     # transformers has no linear-with-floor; its WSD schedule with no warm-up and no stable phase is one.
     ("linear", 0, 0.2, _hf(hf_opt.get_wsd_schedule, num_warmup_steps=0, num_stable_steps=0, num_decay_steps=40,
-        decay_type="linear", min_lr_ratio=0.2)),
+                           decay_type="linear", min_lr_ratio=0.2)),
 ])
 def test_schedule_matches_transformers(schedule, warm, min_ratio, reference):
     cfg = OptimConfig(lr=3e-4, schedule=schedule, warmup_steps=warm, min_lr_ratio=min_ratio)
@@ -163,7 +162,7 @@ def test_schedule_matches_transformers(schedule, warm, min_ratio, reference):
 
 
 def test_public_schedule_functions_agree():
-    """The LambdaLR objects transformers builds give the same lr as its lambdas used above."""
+    """Stepping transformers' LambdaLR as a torch loop does gives our lr at each update index (0 = first update)."""
     p = torch.nn.Parameter(torch.zeros(1))
     opt = torch.optim.SGD([p], lr=1.0)
     s = hf_opt.get_cosine_schedule_with_warmup(opt, 3, 12)
@@ -182,7 +181,8 @@ def test_decay_mask_excludes_norms_biases_and_vectors():
     assert {n for n, m in mask.items() if not m} == NO_DECAY
     lora_mask = _flat(decay_mask(_lora_tree(np.random.default_rng(0))))
     assert all(lora_mask.values())
-    vec = _flat(decay_mask({"prompt": {"bias_free": np.zeros(4)}, "model": {"layers": {"ia3": {"l": np.ones((L, 5))}}}}))
+    vectors = {"prompt": {"bias_free": np.zeros(4)}, "model": {"layers": {"ia3": {"l": np.ones((L, 5))}}}}
+    vec = _flat(decay_mask(vectors))
     assert vec == {"prompt.bias_free": False, "model.layers.ia3.l": False}
 
 
@@ -190,8 +190,9 @@ def test_lr_scales_shapes():
     cfg = OptimConfig(layer_lr_decay=0.5, loraplus_lr_ratio=4.0)
     scales = _flat(lr_scales(cfg, _full_tree(np.random.default_rng(0))))
     assert scales["model.layers.self_attn.q_proj.kernel"].shape == (L, 1, 1)
-    np.testing.assert_allclose(scales["model.layers.self_attn.q_proj.kernel"].ravel(), [0.125, 0.25, 0.5])
-    np.testing.assert_allclose(scales["model.embed_tokens.weight"], 0.0625)
+    depth_of_layer = np.arange(L) + 1  # embeddings depth 0, layer i depth i + 1, head L + 1: scale g**(L + 1 - depth)
+    np.testing.assert_allclose(scales["model.layers.self_attn.q_proj.kernel"].ravel(), 0.5 ** (L + 1 - depth_of_layer))
+    np.testing.assert_allclose(scales["model.embed_tokens.weight"], 0.5 ** (L + 1))
     assert float(scales["lm_head.kernel"]) == 1.0 and float(scales["model.norm.weight"]) == 1.0
     with pytest.raises(ConfigError, match="no model.layers"):
         lr_scales(cfg, {"lm_head": {"kernel": np.zeros((2, 3))}})
@@ -210,8 +211,10 @@ def test_config_errors_are_one_line(key, value, message):
     with pytest.raises(ConfigError) as e:
         from_dict(OptimConfig, {key: value}, "optim")
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_warmup_errors():
     with pytest.raises(ConfigError, match="keep one of them"):
         OptimConfig(warmup_steps=3, warmup_ratio=0.1)
     with pytest.raises(ConfigError, match="warm-up steps for 10"):
         lr_schedule(OptimConfig(warmup_steps=30), 10)
-    assert dataclasses.is_dataclass(OptimConfig())
