@@ -91,7 +91,8 @@ def make_train_step(model: Model, optimizer: optax.GradientTransformation):
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        metrics = {"loss": ls / denom, "tokens": n, "grad_norm": optax.global_norm(grads)}
+        metrics = {"loss": ls / denom, "loss_tokens": n, "tokens": jnp.sum(batches["segment_ids"] != 0),
+                   "grad_norm": optax.global_norm(grads)}
         return trainable, opt_state, metrics
 
     return jax.jit(step, donate_argnums=(0, 1))
