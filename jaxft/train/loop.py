@@ -194,7 +194,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             print(f"base model exact match: {acc:.1%} ({time.perf_counter() - t:.0f} s)")
 
     # ---- training ----
-    stop_reason, best_loss, last = "completed", math.inf, {}
+    stop_reason, smooth_loss, last = "completed", None, {}
     t_train, tokens_seen, compile_s = time.perf_counter(), 0.0, None
     from jaxft.train.optim import warmup_steps
 
@@ -209,7 +209,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             loss = float(m["loss"])
             if compile_s is None:
                 compile_s = time.perf_counter() - t
-            if not math.isfinite(loss) or (step > settle and loss > cfg.train.divergence_factor * best_loss):
+            # diverging: far above the running average of the loss (by a factor and by at least one nat, so the
+            # noise of a nearly-learned task, 0.02 -> 0.2, does not count) once warm-up has settled
+            diverging = (step > settle and loss > cfg.train.divergence_factor * smooth_loss
+                         and loss > smooth_loss + 1.0)
+            if not math.isfinite(loss) or diverging:
                 # the failed update is dropped: the last good checkpoint stays the one a resume takes
                 stop_reason = (f"loss {loss:.4g} at step {step + 1} is "
                                f"{'not finite' if not math.isfinite(loss) else 'diverging'}; stopped without "
@@ -217,7 +221,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                "raise optim.warmup_steps")
                 break
             trainable, opt_state, step = new_trainable, new_opt, step + 1
-            best_loss = min(best_loss, loss)
+            smooth_loss = loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * loss
             tokens_seen += float(m["tokens"])
             lr = float(make_lr(cfg, total_steps)(step - 1))
             last = {"loss": loss, "lr": lr, "grad_norm": float(m["grad_norm"])}
