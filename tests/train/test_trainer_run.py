@@ -207,7 +207,7 @@ def test_diverging_loss_stops_and_keeps_last_good_checkpoint(tmp):
     """An absurd learning rate makes the loss blow up: the run exits 1 with a clear message, the failed update is
     not saved, and the latest checkpoint is an earlier, finite one."""
     out = str(tmp / "run_diverge")
-    cfg = _config(tmp, out, optim={"lr": 3e3, "warmup_steps": 0, "max_grad_norm": None},
+    cfg = _config(tmp, out, optim={"lr": 1e8, "warmup_steps": 0, "max_grad_norm": None},
                   train={"steps": 40, "save_every": 1, "divergence_factor": 2.0})
     buf = io.StringIO()
     with contextlib.redirect_stdout(buf):
