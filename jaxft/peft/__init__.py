@@ -5,7 +5,8 @@ composite weight leaves that compute the method (see DESIGN.md, "weights are typ
     loss = lambda adapter: loss_fn(jaxft.forward(config, peft.bind(params, spec, adapter), ids))
     grads = jax.grad(loss)(adapter)                      # the base tree gets no gradient and no optimizer state
     merged = peft.merge(params, spec, adapter)           # plain arrays, the base tree's structure and dtypes
-    peft.save_adapter(spec, adapter, "out/")             # adapter_config.json + adapter_model.safetensors (peft's)
+    peft.save_adapter(spec, adapter, "out/", config)     # adapter_config.json + adapter_model.safetensors (peft's)
+    spec, adapter = peft.load_adapter("peft_dir/", config)
 """
 
 from jaxft.peft.io import load_adapter, save_adapter

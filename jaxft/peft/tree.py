@@ -78,8 +78,8 @@ def _lora_init(spec, mp: ModulePlan, w: Any, key: jax.Array, dtype) -> dict:
     n_in, n_out, r = mp.module.d_in, mp.module.d_out, mp.max_rank
     mask = _rank_mask(mp)  # [n, R]
     if spec.init == "kaiming":
-        # torch's kaiming_uniform_(a=sqrt(5)) on lora_A[r, in]: bound = sqrt(6 / (1 + 5)) * sqrt(3 / in) / sqrt(3)...
-        # = 1 / sqrt(in), as nn.Linear's default init.
+        # torch's kaiming_uniform_(a=sqrt(5)) on lora_A[r, in]: gain = sqrt(2 / (1 + a^2)) = sqrt(1/3),
+        # bound = gain * sqrt(3 / fan_in) = 1 / sqrt(in) (nn.Linear's default init).
         bound = 1.0 / math.sqrt(n_in)
         a = jax.random.uniform(key, (len(mp.active), n_in, r), jnp.float32, -bound, bound)
     else:
