@@ -35,8 +35,8 @@ class LoopSection:
     """steps: optimizer steps (0 = derive from epochs). batch_size: rows per micro-batch; grad_accum micro-batches
     make one step, and the loss is normalised by the loss tokens of the whole step. log_every / eval_every /
     save_every: in steps (0 = only at the end). keep_last / keep_best: checkpoints kept for resume / by eval loss.
-    divergence_factor: stop when the loss exceeds this multiple of its running average (and that average by at
-    least one nat) after warm-up; a non-finite loss always stops the run."""
+    divergence_factor: stop when the running average of the loss exceeds this multiple of its lowest value (and
+    that value by at least one nat) after warm-up; a non-finite loss always stops the run."""
 
     steps: int = 0
     epochs: float = 1.0

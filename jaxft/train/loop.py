@@ -194,7 +194,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             print(f"base model exact match: {acc:.1%} ({time.perf_counter() - t:.0f} s)")
 
     # ---- training ----
-    stop_reason, smooth_loss, last = "completed", None, {}
+    stop_reason, smooth_loss, lowest, last = "completed", None, math.inf, {}
     t_train, tokens_seen, compile_s = time.perf_counter(), 0.0, None
     from jaxft.train.optim import warmup_steps
 
@@ -209,10 +209,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             loss = float(m["loss"])
             if compile_s is None:
                 compile_s = time.perf_counter() - t
-            # diverging: far above the running average of the loss (by a factor and by at least one nat, so the
-            # noise of a nearly-learned task, 0.02 -> 0.2, does not count) once warm-up has settled
-            diverging = (step > settle and loss > cfg.train.divergence_factor * smooth_loss
-                         and loss > smooth_loss + 1.0)
+            # diverging: the running average of the loss has risen far above its lowest value (by a factor and by
+            # at least one nat, so one noisy batch of a nearly-learned task, 0.02 -> 0.2, does not count)
+            smooth = loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * loss
+            lowest = min(lowest, smooth)
+            diverging = (step > settle and smooth > cfg.train.divergence_factor * lowest and smooth > lowest + 1.0)
             if not math.isfinite(loss) or diverging:
                 # the failed update is dropped: the last good checkpoint stays the one a resume takes
                 stop_reason = (f"loss {loss:.4g} at step {step + 1} is "
@@ -221,7 +222,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                "raise optim.warmup_steps")
                 break
             trainable, opt_state, step = new_trainable, new_opt, step + 1
-            smooth_loss = loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * loss
+            smooth_loss = smooth
             tokens_seen += float(m["tokens"])
             lr = float(make_lr(cfg, total_steps)(step - 1))
             last = {"loss": loss, "lr": lr, "grad_norm": float(m["grad_norm"])}
