@@ -91,8 +91,8 @@ def _edited(src, dst, **changes):
     (dict(lora_bias=True), "option lora_bias=True"),
     (dict(layer_replication=[[0, 1]]), "option layer_replication"),
     (dict(task_type="SEQ_CLS"), "task_type 'SEQ_CLS'"),
-    (dict(target_modules=["c_attn"]), r"adapter_config\.json\.target_modules: 'c_attn' matches no module; the modules are: .*"
-                                          r"model\.layers\.N\.self_attn\.q_proj"),
+    (dict(target_modules=["c_attn"]),
+     r"adapter_config\.json\.target_modules: 'c_attn' matches no module; the modules are: .*self_attn\.q_proj"),
     (dict(r=8), r"lora_A\.weight' has shape \(4, (32|64)\), the model expects \(8, (32|64)\)"),
     (dict(target_modules=["q_proj"]), r"down_proj\.lora_A\.weight' does not belong to this adapter config"),
     (dict(target_modules=["q_proj", "down_proj", "k_proj"]), r"missing tensor .*k_proj\.lora_A\.weight"),
@@ -105,7 +105,8 @@ def test_bad_peft_files_are_refused_by_name(lora_dir, changes, message, tmp_path
 
 def test_shapes_of_another_model_are_refused(lora_dir, tmp_path):
     src, config = lora_dir
-    with pytest.raises(ValueError, match=r"down_proj\.lora_B\.weight' has shape \(32, 4\), the model expects \(48, 4\)"):
+    wrong = r"down_proj\.lora_B\.weight' has shape \(32, 4\), the model expects \(48, 4\)"
+    with pytest.raises(ValueError, match=wrong):
         jpeft.load_adapter(str(src), config.replace(hidden_size=48, head_dim=12))
 
 

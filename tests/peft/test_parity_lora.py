@@ -79,7 +79,8 @@ def test_peft_adapter_loaded_by_jaxft_gives_peft_logits(case, variant, tmp_path)
     merged = jpeft.merge(params, spec, adapter)
     assert jax_state(config, merged).keys() == jax_state(config, params).keys()
     assert jax.tree.structure(merged) == jax.tree.structure(params)
-    assert all(a.dtype == b.dtype and a.shape == b.shape for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)))
+    for a, b in zip(jax.tree.leaves(merged), jax.tree.leaves(params)):
+        assert a.dtype == b.dtype and a.shape == b.shape
     assert rel_err(jax_logits(config, merged), got) <= TOL
     ref = hf_state(pm.merge_and_unload())
     ours_state = jax_state(config, merged)

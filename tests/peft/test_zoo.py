@@ -55,7 +55,6 @@ def test_houlsby_gradients_match_finite_differences(activation):
     down, up = jax.random.normal(k[3], (10, 4)) * 0.5, jax.random.normal(k[4], (4, 10)) * 0.5
     db, ub = jax.random.normal(k[5], (4,)) * 0.1, jnp.full((10,), 0.05)
 
-    @jax.jit
     def f(x, w, down, db, up, ub):
         return jnp.sum(jnp.sin(jaxft.linear(x, jpeft.Houlsby(w, down, db, up, ub, activation), bias)))
 
