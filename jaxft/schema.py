@@ -27,6 +27,10 @@ def _suggest(key: str, valid: Sequence[str]) -> str:
     return f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(sorted(valid))}"
 
 
+def _join(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
+
+
 def _coerce(tp: Any, value: Any, where: str) -> Any:
     """Check (and gently coerce) `value` against the annotation `tp`."""
     origin = typing.get_origin(tp)
@@ -71,7 +75,7 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where}: expected a mapping, got {value!r}")
         kt, vt = args if args else (Any, Any)
-        return {_coerce(kt, k, f"{where}.{k}"): _coerce(vt, v, f"{where}.{k}") for k, v in value.items()}
+        return {_coerce(kt, k, _join(where, str(k))): _coerce(vt, v, _join(where, str(k))) for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{where}: expected true or false, got {value!r}")
@@ -83,6 +87,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
@@ -100,11 +109,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, where: str = "config
     hints = typing.get_type_hints(cls)
     for key in data:
         if key not in fields:
-            raise ConfigError(f"{where}: unknown key '{key}'; {_suggest(key, list(fields))}")
+            raise ConfigError(f"{where or 'config'}: unknown key '{key}'; {_suggest(key, list(fields))}")
     kwargs = {}
     for name, f in fields.items():
         if name in data:
-            kwargs[name] = _coerce(hints[name], data[name], f"{where}.{name}")
+            kwargs[name] = _coerce(hints[name], data[name], _join(where, name))
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise ConfigError(f"{where}: missing required key '{name}'")
     try:

@@ -8,47 +8,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import jax  # noqa: E402
-import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
+from jaxft.testing import VARIANTS, hf_tiny, rel_err  # noqa: E402,F401  (re-exported for tests)
+
 jax.config.update("jax_default_matmul_precision", "highest")
-
-# Tiny configs covering the Llama family as transformers defines it.
-VARIANTS = {
-    "llama_mha_untied": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False),
-    "llama_gqa_tied": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-    "llama_mqa_bias": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=1, attention_bias=True,
-                           mlp_bias=True),
-    "llama3_rope": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2,
-                        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                      "high_freq_factor": 4.0, "original_max_position_embeddings": 32},
-                        rope_theta=500000.0),
-    "llama_linear_rope_headdim": dict(model_type="llama", num_attention_heads=4, num_key_value_heads=2, head_dim=16,
-                                      rope_scaling={"rope_type": "linear", "factor": 2.0}),
-    "mistral": dict(model_type="mistral", num_attention_heads=4, num_key_value_heads=2, sliding_window=None),
-    "qwen2": dict(model_type="qwen2", num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True),
-}
-
-
-def hf_tiny(variant: str, seed: int = 0):
-    """A tiny random transformers model (fp32, eager attention) of `variant`."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    kw = dict(VARIANTS[variant])
-    model_type = kw.pop("model_type")
-    base = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, max_position_embeddings=128,
-                rms_norm_eps=1e-5, initializer_range=0.2)
-    base.update(kw)
-    config = AutoConfig.for_model(model_type, **base)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32).eval()
-    with torch.no_grad():  # random norms and biases so every parameter matters
-        for name, p in model.named_parameters():
-            if "norm" in name or name.endswith("bias"):
-                p.add_(0.1 * torch.randn_like(p))
-    return model
-
 
 @pytest.fixture(scope="session")
 def smollm_dir(tmp_path_factory):
@@ -80,8 +44,3 @@ def smollm_tokenizer():
     from jaxft import load_tokenizer
 
     return load_tokenizer("smollm2-135m-instruct")
-
-
-def rel_err(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))

@@ -251,8 +251,11 @@ def forward(config: LlamaConfig, params: dict, input_ids: jax.Array, *, position
 
 
 def forward_cached(config: LlamaConfig, params: dict, input_ids: jax.Array, cache: KVCache, *, positions: jax.Array,
-                   segment_ids: jax.Array, options: ModelOptions = ModelOptions()) -> tuple[jax.Array, KVCache]:
-    """Logits `[B, T, V]` for `input_ids[B, T]` written at slots `cache.index..+T`, and the updated cache."""
-    x = embed(config, params, input_ids, options.dtype)
-    h, cache = decoder(config, params, x, positions=positions, segment_ids=segment_ids, options=options, cache=cache)
+                   segment_ids: jax.Array, options: ModelOptions = ModelOptions(), embeds: jax.Array | None = None,
+                   prefix_kv: tuple | None = None) -> tuple[jax.Array, KVCache]:
+    """Logits `[B, T, V]` for `input_ids[B, T]` written at slots `cache.index..+T`, and the updated cache.
+    `embeds` and `prefix_kv` as in `forward` (prompt and prefix tuning)."""
+    x = embed(config, params, input_ids, options.dtype) if embeds is None else embeds.astype(options.dtype)
+    h, cache = decoder(config, params, x, positions=positions, segment_ids=segment_ids, options=options, cache=cache,
+                       prefix_kv=prefix_kv)
     return linear(h, head_weight(config, params)).astype(jnp.float32), cache

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxft
-from conftest import rel_err
+from jaxft.testing import rel_err
 from jaxft import peft as jpeft
 from jaxft.schema import ConfigError
 

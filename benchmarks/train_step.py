@@ -1,0 +1,107 @@
+"""LoRA training-step tokens/s: jaxft vs transformers + peft (torch eager), SmolLM2-135M, CPU fp32.
+
+LoRA r16 alpha 32 on all linear layers, batch 4 x 512 tokens, loss on every token, AdamW; each side at its
+fastest setting (jaxft: jit, no remat; torch: eager, sdpa attention, no gradient checkpointing). One process,
+prints the ratio last (> 1 means jaxft is faster). Goal: >= 1.2x. torch.compile's figure is reported if it runs
+(--compile).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import numpy as np
+
+_here = os.path.dirname(os.path.abspath(__file__))
+sys.path[:0] = [_here, os.path.dirname(_here)]
+from common import record, timeit, torch_smollm  # noqa: E402
+
+
+def jax_side(ids: np.ndarray, repeat: int):
+    import jax
+    import jax.numpy as jnp
+
+    import jaxft
+    from jaxft import peft
+    from jaxft.models.llama import ModelOptions
+    from jaxft.train.optim import OptimConfig, make_optimizer
+    from jaxft.train.step import Model, make_train_step
+
+    config, params = jaxft.load_pretrained("smollm2-135m-instruct")
+    spec = peft.LoraSpec(r=16, alpha=32, target_modules="all-linear")
+    adapter = peft.init(spec, config, params, jax.random.key(0))
+    model = Model(config, spec, ModelOptions())
+    opt = make_optimizer(OptimConfig(lr=1e-4), adapter, 100)
+    state = opt.init(adapter)
+    step = make_train_step(model, opt)
+    b, t = ids.shape
+    batch = {"input_ids": jnp.asarray(ids)[None], "segment_ids": jnp.ones((1, b, t), jnp.int32),
+             "positions": jnp.broadcast_to(jnp.arange(t), (1, b, t)).astype(jnp.int32),
+             "loss_mask": jnp.ones((1, b, t), bool)}
+    rng = jax.random.key(1)
+    holder = {"a": adapter, "s": state}
+
+    def run():
+        holder["a"], holder["s"], m = step(holder["a"], holder["s"], params, batch, rng)
+        m["loss"].block_until_ready()
+
+    t0 = time.perf_counter()
+    run()
+    compile_s = time.perf_counter() - t0
+    return timeit(run, warmup=1, repeat=repeat), compile_s
+
+
+def torch_side(ids: np.ndarray, repeat: int, compile_model: bool):
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    model = torch_smollm("sdpa")
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", lora_dropout=0.0))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    fwd = torch.compile(model) if compile_model else model
+    ids_t = torch.tensor(ids)
+
+    def run():
+        out = fwd(input_ids=ids_t, labels=ids_t)
+        out.loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return timeit(run, warmup=1, repeat=repeat)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--compile", action="store_true", help="also time torch.compile")
+    ap.add_argument("--no-record", action="store_true")
+    args = ap.parse_args(argv)
+    ids = np.random.RandomState(0).randint(0, 49152, (args.batch, args.seq))
+    tokens = args.batch * args.seq
+    jax_s, compile_s = jax_side(ids, args.repeat)
+    torch_s = torch_side(ids, args.repeat, False)
+    lines = ["| side | tokens/s |", "|---|---|", f"| jaxft (jit) | {tokens / jax_s:.0f} |",
+             f"| transformers + peft (eager, sdpa) | {tokens / torch_s:.0f} |"]
+    if args.compile:
+        try:
+            comp_s = torch_side(ids, args.repeat, True)
+            lines.append(f"| transformers + peft (torch.compile) | {tokens / comp_s:.0f} |")
+        except Exception as e:  # report, do not hide: compile support varies by platform
+            lines.append(f"| transformers + peft (torch.compile) | failed: {type(e).__name__} |")
+    ratio = torch_s / jax_s
+    lines += ["", f"LoRA r16 all-linear, batch {args.batch} x {args.seq}, fp32; jaxft first step (compile) "
+              f"{compile_s:.1f} s.", "", f"**ratio jaxft / transformers+peft eager: {ratio:.2f}x** (goal >= 1.2x)"]
+    print("\n".join(lines))
+    if not args.no_record:
+        record("train_step", lines)
+    print(f"ratio {ratio:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

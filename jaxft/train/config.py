@@ -1,0 +1,151 @@
+"""The trainer's typed config: `python -m jaxft.train CONFIG.yaml [dotted.key=value ...]`.
+
+Sections: `model`, `data` (jaxft.data.DataConfig), `method` (`type:` plus the fields of that method's peft spec),
+`optim` (jaxft.train.optim.OptimConfig), `train`, `eval`, `export`, and `output_dir`. Unknown keys are errors with
+the closest valid key suggested; every check that can run without weights runs before any compute.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal, Mapping
+
+from jaxft.data.config import DataConfig, data_config_from_dict
+from jaxft.schema import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from jaxft.train.optim import OptimConfig
+
+METHODS = ("full", "lora", "dora", "ia3", "prompt", "prefix", "houlsby", "bitfit")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSection:
+    """path: HF model directory, .gguf file, or `smollm2-135m-instruct`. param_dtype: the dtype the weights are
+    stored in (the trainable master copy is always float32). compute_dtype: the dtype of activations and matmuls.
+    remat: rematerialisation policy per layer. scan_layers: run layers under lax.scan (fast compile) or unrolled."""
+
+    path: str = "smollm2-135m-instruct"
+    param_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
+    scan_layers: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopSection:
+    """steps: optimizer steps (0 = derive from epochs). batch_size: rows per micro-batch; grad_accum micro-batches
+    make one step, and the loss is normalised by the loss tokens of the whole step. log_every / eval_every /
+    save_every: in steps (0 = only at the end). keep_last / keep_best: checkpoints kept for resume / by eval loss.
+    divergence_factor: stop when the running average of the loss exceeds this multiple of its lowest value (and
+    that value by at least one nat) after warm-up; a non-finite loss always stops the run."""
+
+    steps: int = 0
+    epochs: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 0
+    save_every: int = 0
+    keep_last: int = 2
+    keep_best: int = 1
+    divergence_factor: float = 4.0
+
+    def __post_init__(self):
+        for name in ("batch_size", "grad_accum"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name}: must be at least 1, got {getattr(self, name)}")
+        if self.steps < 0 or self.epochs <= 0 and self.steps == 0:
+            raise ConfigError("train: set steps > 0 or epochs > 0")
+        for name in ("log_every", "eval_every", "save_every", "keep_last", "keep_best"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"train.{name}: must be >= 0, got {getattr(self, name)}")
+        if self.keep_last < 1:
+            raise ConfigError("train.keep_last: at least 1 checkpoint must be kept for resume")
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    """generate: how many eval examples to score by greedy generation (exact match) before and after training
+    (0 = none). max_new_tokens: the generation budget per example. batch_size: rows per generation/eval batch.
+    base: also score the model before training (the 'before' of the summary)."""
+
+    generate: int = 100
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    base: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportSection:
+    """adapter: write a peft adapter directory (PEFT methods). merged: write a merged HF model directory.
+    verify: reload each export with transformers/peft and compare logits (`auto`: when torch, transformers and
+    peft are importable)."""
+
+    adapter: bool = True
+    merged: bool = False
+    verify: Literal["auto", "on", "off"] = "auto"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    output_dir: str
+    data: DataConfig
+    model: ModelSection = ModelSection()
+    method: Mapping[str, Any] = dataclasses.field(default_factory=lambda: {"type": "lora"})
+    optim: OptimConfig = OptimConfig()
+    train: LoopSection = LoopSection()
+    eval: EvalSection = EvalSection()
+    export: ExportSection = ExportSection()
+
+    @property
+    def method_type(self) -> str:
+        return str(self.method.get("type", "lora"))
+
+
+def method_spec(method: Mapping[str, Any]):
+    """The typed peft spec of the `method` section (None for full fine-tuning)."""
+    from jaxft import peft
+
+    kind = method.get("type", "lora")
+    if kind not in METHODS:
+        import difflib
+
+        close = difflib.get_close_matches(str(kind), METHODS, n=1)
+        hint = f"did you mean '{close[0]}'?" if close else f"choose one of {', '.join(METHODS)}"
+        raise ConfigError(f"method.type: unknown method '{kind}'; {hint}")
+    rest = {k: v for k, v in method.items() if k not in ("type", "init_from")}
+    if kind == "full":
+        if rest:
+            raise ConfigError(f"method: full fine-tuning takes no options, got {', '.join(rest)}")
+        return None
+    cls = {"lora": peft.LoraSpec, "dora": peft.DoraSpec, "ia3": peft.IA3Spec, "prompt": peft.PromptTuningSpec,
+           "prefix": peft.PrefixTuningSpec, "houlsby": peft.HoulsbySpec, "bitfit": peft.BitFitSpec}[kind]
+    return from_dict(cls, rest, "method")
+
+
+def parse_config(raw: Mapping[str, Any], where: str = "config") -> TrainConfig:
+    """Build and validate a TrainConfig from a plain dict."""
+    raw = dict(raw)
+    if "data" not in raw:
+        raise ConfigError(f"{where}: missing required section 'data' (train: [path/to/train.jsonl])")
+    data = data_config_from_dict(raw.pop("data"), "data")
+    cfg = from_dict(TrainConfig, dict(raw, data=data), "")
+    method_spec(cfg.method)  # validate now, before any compute
+    init_from = cfg.method.get("init_from")
+    if init_from is not None and not isinstance(init_from, str):
+        raise ConfigError("method.init_from: expected a peft adapter directory path")
+    return cfg
+
+
+def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
+    """Read `path` (YAML), apply dotted overrides, validate."""
+    raw = apply_overrides(load_yaml(path), list(overrides))
+    try:
+        return parse_config(raw, path)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def resolved_dict(cfg: TrainConfig) -> dict[str, Any]:
+    """The fully resolved config as plain data (written to the run directory)."""
+    return to_dict(cfg)

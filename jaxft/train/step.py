@@ -1,0 +1,107 @@
+"""The training step: loss of a (possibly PEFT-bound) model, gradient accumulation, optimizer update.
+
+`trainable` is what the optimizer sees: the full params for full fine-tuning, the adapter tree for a PEFT method.
+`frozen` is the base tree (None for full fine-tuning); it gets no gradient and no optimizer state. The loss of a
+step is the sum of token losses of all its micro-batches divided by their total number of loss tokens (not a mean
+of micro-batch means).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+from jaxft.models.config import LlamaConfig
+from jaxft.models.llama import ModelOptions, head_weight, hidden_states
+from jaxft.ops.loss import causal_lm_loss
+
+
+@dataclasses.dataclass(frozen=True)
+class Model:
+    """Everything static about the model being trained: architecture, PEFT spec (None = full), run options."""
+
+    config: LlamaConfig
+    spec: Any
+    options: ModelOptions
+
+
+def bound_params(model: Model, trainable: Any, frozen: Any, *, train: bool = False, rng: jax.Array | None = None):
+    """The parameter tree the forward pass uses (composite leaves for PEFT methods)."""
+    if model.spec is None:
+        return trainable
+    from jaxft import peft
+
+    return peft.bind(frozen, model.spec, trainable, train=train, rng=rng)
+
+
+def is_prompt_method(spec: Any) -> bool:
+    from jaxft import peft
+
+    return isinstance(spec, (peft.PromptTuningSpec, peft.PrefixTuningSpec))
+
+
+def final_hidden(model: Model, trainable: Any, frozen: Any, batch: dict, *, train: bool = False,
+                 rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
+    """Final hidden states `[B, T, D]` for the batch's real tokens, and the bound params (for the head)."""
+    params = bound_params(model, trainable, frozen, train=train, rng=rng)
+    ids, seg = batch["input_ids"], batch["segment_ids"]
+    if is_prompt_method(model.spec):
+        from jaxft import peft
+
+        kwargs, n_virtual = peft.prompt_inputs(model.spec, trainable, ids, segment_ids=seg, config=model.config,
+                                               params=params, dtype=model.options.dtype)
+        h = hidden_states(model.config, params, kwargs.pop("input_ids"), options=model.options, **kwargs)
+        return h[:, n_virtual:], params
+    h = hidden_states(model.config, params, ids, positions=batch["positions"], segment_ids=seg,
+                      options=model.options)
+    return h, params
+
+
+def loss_sum(model: Model, trainable: Any, frozen: Any, batch: dict, *, train: bool = False,
+             rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """`(sum of token losses, number of loss tokens)` of one micro-batch, both float32."""
+    h, params = final_hidden(model, trainable, frozen, batch, train=train, rng=rng)
+    return causal_lm_loss(h, head_weight(model.config, params), batch["input_ids"], batch["loss_mask"],
+                          batch["segment_ids"])
+
+
+def make_train_step(model: Model, optimizer: optax.GradientTransformation):
+    """A jitted `step(trainable, opt_state, frozen, batches, rng) -> (trainable, opt_state, metrics)`.
+
+    `batches` holds arrays `[A, B, T]`: A micro-batches accumulated into one update.
+    """
+
+    def step(trainable, opt_state, frozen, batches, rng):
+        def micro(carry, xs):
+            total_l, total_n, total_g = carry
+            batch, i = xs
+            key = jax.random.fold_in(rng, i)
+            f = lambda tr: loss_sum(model, tr, frozen, batch, train=True, rng=key)
+            (ls, n), grads = jax.value_and_grad(f, has_aux=True)(trainable)
+            return (total_l + ls, total_n + n, jax.tree.map(jnp.add, total_g, grads)), None
+
+        accum = batches["input_ids"].shape[0]
+        init = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, trainable))
+        (ls, n, grads), _ = jax.lax.scan(micro, init, (batches, jnp.arange(accum)))
+        denom = jnp.maximum(n, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = optimizer.update(grads, opt_state, trainable)
+        trainable = optax.apply_updates(trainable, updates)
+        metrics = {"loss": ls / denom, "loss_tokens": n, "tokens": jnp.sum(batches["segment_ids"] != 0),
+                   "grad_norm": optax.global_norm(grads)}
+        return trainable, opt_state, metrics
+
+    return jax.jit(step, donate_argnums=(0, 1))
+
+
+def make_eval_step(model: Model):
+    """A jitted `eval(trainable, frozen, batch) -> (loss_sum, n)` without dropout."""
+
+    def ev(trainable, frozen, batch):
+        return loss_sum(model, trainable, frozen, batch, train=False)
+
+    return jax.jit(ev)

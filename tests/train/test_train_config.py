@@ -1,0 +1,48 @@
+"""The trainer's config schema: every bundled config validates without weights; bad keys get one-line errors."""
+
+import glob
+import subprocess
+import sys
+
+import pytest
+
+from jaxft.schema import ConfigError
+from jaxft.train.config import load_config
+
+
+@pytest.mark.parametrize("path", sorted(glob.glob("configs/*.yaml")))
+def test_bundled_configs_validate(path):
+    cfg = load_config(path)
+    assert cfg.output_dir and cfg.data.train
+
+
+@pytest.mark.parametrize("override, message", [
+    ("optim.lrr=1", "unknown key 'lrr'; did you mean 'lr'?"),
+    ("outputdir=x", "unknown key 'outputdir'; did you mean 'output_dir'?"),
+    ("method.type=lorra", "did you mean 'lora'?"),
+    ("method.rr=4", "unknown key 'rr'"),
+    ("train.batch_size=0", "train.batch_size: must be at least 1"),
+    ("optim.schedule=exp", "optim.schedule: 'exp' is not one of"),
+    ("model.compute_dtype=fp8", "model.compute_dtype"),
+    ("data.loss_on=everything", "loss_on"),
+])
+def test_bad_values_are_one_line_errors(override, message):
+    with pytest.raises(ConfigError) as e:
+        load_config("configs/quickstart.yaml", [override])
+    assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_overrides_apply():
+    cfg = load_config("configs/quickstart.yaml", ["optim.lr=1e-4", "train.steps=7", "method.r=8"])
+    assert cfg.optim.lr == 1e-4 and cfg.train.steps == 7 and cfg.method["r"] == 8
+
+
+def test_cli_check_and_help():
+    ok = subprocess.run([sys.executable, "-m", "jaxft.train", "configs/quickstart.yaml", "--check"],
+                        capture_output=True, text=True)
+    assert ok.returncode == 0 and "valid" in ok.stdout
+    bad = subprocess.run([sys.executable, "-m", "jaxft.train", "configs/quickstart.yaml", "train.grad_accum=0"],
+                         capture_output=True, text=True)
+    assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "grad_accum" in bad.stderr
+    helped = subprocess.run([sys.executable, "-m", "jaxft.train", "--help"], capture_output=True, text=True)
+    assert helped.returncode == 0 and "dotted.key=value" in helped.stdout
