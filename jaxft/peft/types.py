@@ -33,6 +33,37 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+@jax.custom_vjp
+def lora_product(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
+    """`scale * (x @ a) @ b`: `x[..., in]`, `a[in, r]`, `b[r, out]`, `scale[]`, all in one dtype -> `[..., out]`.
+
+    A custom VJP: the backward pass computes exactly `g b^T` (once, shared by the gradients of x, a and scale),
+    `x^T (g b^T)`, `(x a)^T g` and `(g b^T) a^T`, contracting the leading axes directly. Plain autodiff of the
+    same einsums made XLA (CPU) spend about 2x the base layer's step time on a [B, T, in] input; this costs a few
+    percent (see benchmarks/peft_overhead.py). Reverse mode only (no `jax.jvp` through a LoRA leaf).
+    """
+    return scale * jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x, a), b)
+
+
+def _lora_product_fwd(x, a, b, scale):
+    xa = jnp.einsum("...i,ir->...r", x, a)
+    return scale * jnp.einsum("...r,ro->...o", xa, b), (x, xa, a, b, scale)
+
+
+def _lora_product_bwd(res, g):
+    x, xa, a, b, scale = res
+    g_b = jnp.einsum("...o,ro->...r", g, b)  # g b^T, [..., r]
+    g_xa = scale * g_b
+    grad_x = jnp.einsum("...r,ir->...i", g_xa, a)
+    grad_a = jnp.einsum("...i,...r->ir", x, g_xa)
+    grad_b = scale * jnp.einsum("...r,...o->ro", xa, g)
+    grad_scale = jnp.sum(xa * g_b).astype(scale.dtype)  # d/ds of sum(g * s (xa) b) = sum(xa * (g b^T))
+    return grad_x, grad_a, grad_b, grad_scale
+
+
+lora_product.defvjp(_lora_product_fwd, _lora_product_bwd)
+
+
 def _freeze_inactive(value: jax.Array, active: jax.Array | None) -> jax.Array:
     """`value`, with its gradient cut where the layer is not transformed (`active[...]` broadcasts on axis 0)."""
     if active is None:
@@ -72,9 +103,9 @@ class Lora(Weight):
 
     def apply(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
         y = linear(x, self.base, bias)
-        xa = jnp.einsum("...i,ir->...r", _dropout(x, self.dropout_rate, self.dropout_key), self.a.astype(x.dtype))
-        lora = jnp.einsum("...r,ro->...o", xa, self.b.astype(x.dtype))
-        return y + (jnp.asarray(self.scale, x.dtype) * lora).astype(y.dtype)
+        xd = _dropout(x, self.dropout_rate, self.dropout_key)
+        lora = lora_product(xd, self.a.astype(x.dtype), self.b.astype(x.dtype), jnp.asarray(self.scale, x.dtype))
+        return y + lora.astype(y.dtype)
 
     def materialize(self) -> jax.Array:
         w = materialize(self.base)
@@ -127,8 +158,7 @@ class Dora(Weight):
         else:
             xd = _dropout(x, self.dropout_rate, self.dropout_key)
             base_d = linear(xd, self.base, None)
-        xa = jnp.einsum("...i,ir->...r", xd, self.a.astype(x.dtype))
-        lora = jnp.einsum("...r,ro->...o", xa, self.b.astype(x.dtype)) * jnp.asarray(self.scale, x.dtype)
+        lora = lora_product(xd, self.a.astype(x.dtype), self.b.astype(x.dtype), jnp.asarray(self.scale, x.dtype))
         y = base_out + (f - 1) * base_d + f * lora
         if bias is not None:
             y = y + bias.astype(y.dtype)

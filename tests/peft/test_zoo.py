@@ -47,7 +47,7 @@ def test_houlsby_is_the_identity_at_init_and_sits_after_attention_and_mlp():
         jpeft.merge(PARAMS, spec, adapter)
 
 
-@pytest.mark.parametrize("activation", ["gelu", "silu"])
+@pytest.mark.parametrize("activation", ["gelu"])
 def test_houlsby_gradients_match_finite_differences(activation):
     k = jax.random.split(jax.random.key(2), 6)
     x = jax.random.normal(k[0], (3, 5, 8))
@@ -107,7 +107,7 @@ def test_bitfit_matches_transformers_with_only_biases_trainable(tmp_path):
     torch.optim.AdamW(list(biases.values()), lr=lr, weight_decay=wd, eps=1e-8).step()
 
     ids_j = jnp.asarray(IDS, jnp.int32)
-    loss_j, grads = jax.value_and_grad(lambda a: _ce(config, jpeft.bind(params, spec, a), ids_j, UNROLLED))(adapter)
+    loss_j, grads = jax.jit(jax.value_and_grad(lambda a: _ce(config, jpeft.bind(params, spec, a), ids_j)))(adapter)
     assert rel_err(loss_j, loss.item()) <= 1e-5
     opt = optax.adamw(lr, weight_decay=wd, eps=1e-8)
     updates, _ = opt.update(grads, opt.init(adapter), adapter)
