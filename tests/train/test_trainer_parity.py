@@ -52,7 +52,7 @@ def _jax_train(config, trainable, frozen, spec, batches, lr: float = OPT["lr"]):
     opt_state = optimizer.init(trainable)
     step = make_train_step(model, optimizer)
     rng = jax.random.key(0)
-    hist = {"loss": [], "grad_norm": [], "tokens": []}
+    hist = {"loss": [], "grad_norm": [], "loss_tokens": []}
     for i, b in enumerate(batches):
         trainable, opt_state, m = step(trainable, opt_state, frozen, {k: jnp.asarray(v) for k, v in b.items()},
                                        jax.random.fold_in(rng, i))
@@ -115,7 +115,7 @@ def test_grad_accumulation_matches_torch_token_sum(base_dir):
     token_mean = float(sum(p[0] for p in parts)) / sum(p[1] for p in parts)
     mean_of_means = float(np.mean([float(p[0]) / p[1] for p in parts]))
     assert abs(got["loss"][0] - token_mean) / token_mean < 1e-5
-    assert got["tokens"][0] == sum(p[1] for p in parts)
+    assert got["loss_tokens"][0] == sum(p[1] for p in parts)
     assert abs(mean_of_means - token_mean) / token_mean > 1e-4  # the batches do tell the two apart
 
 
