@@ -19,7 +19,7 @@ import jax.numpy as jnp
 
 from jaxft.models.config import LlamaConfig
 from jaxft.models.params import ParamSpec, layer_specs
-from jaxft.ops.attention import attention, attention_mask
+from jaxft.ops.attention import attention, attention_mask, blocked_causal_attention, causal_block_size
 from jaxft.ops.linear import linear
 from jaxft.ops.norms import rms_norm
 from jaxft.ops.rope import apply_rope, rope_tables
@@ -103,7 +103,10 @@ class Attention(nn.Module):
             v_all = jax.lax.dynamic_update_slice(ctx["cache_v"], v.astype(ctx["cache_v"].dtype), at)
             new_kv = (k_all, v_all)
             k, v = k_all.astype(x_btd.dtype), v_all.astype(x_btd.dtype)
-        out = attention(q, k, v, ctx["mask"], ctx.get("prefix_k"), ctx.get("prefix_v"), ctx["q_segment_ids"])
+        if ctx.get("block") and ctx.get("cache_k") is None and ctx.get("prefix_k") is None:
+            out = blocked_causal_attention(q, k, v, ctx["mask"], ctx["block"])
+        else:
+            out = attention(q, k, v, ctx["mask"], ctx.get("prefix_k"), ctx.get("prefix_v"), ctx["q_segment_ids"])
         out = Linear(specs["o_proj"], c.initializer_range, name="o_proj")(out.reshape(b, t, -1))
         return out, new_kv
 
@@ -177,6 +180,7 @@ def decoder(config: LlamaConfig, params: dict, x_btd: jax.Array, *, positions: j
     if cache is None:
         row = jnp.broadcast_to(jnp.arange(t), (b, t))
         ctx["mask"] = attention_mask(segment_ids, segment_ids, row, jnp.arange(t))
+        ctx["block"] = causal_block_size(t)
     else:
         s = cache.segment_ids.shape[1]
         kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))

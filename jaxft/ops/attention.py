@@ -45,3 +45,39 @@ def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts:
     probs = jax.nn.softmax(scores, axis=-1).astype(v_bskd.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v_bskd)
     return out.reshape(b, t, h, hd)
+
+
+def causal_block_size(t: int) -> int | None:
+    """The query block size for `blocked_causal_attention` on a length-`t` row, or None to use `attention`."""
+    for block in (64, 128):
+        if t % block == 0 and t >= 2 * block:
+            return block
+    return None
+
+
+def blocked_causal_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array,
+                             block: int) -> jax.Array:
+    """`attention` for a row attending to itself (S == T, slot-causal mask), computed block by block.
+
+    Query block i reads only keys `[0, (i + 1) * block)`: the blocks above the diagonal are all masked, so skipping
+    them changes nothing but the work (about half of it at long lengths). Each block is one batched GEMM per
+    (batch, kv head) with the query group folded into the rows, which XLA's CPU backend runs faster than the
+    five-index einsum. Same numbers as `attention` up to float32 rounding.
+    """
+    b, t, h, hd = q_bthd.shape
+    kh = k_bskd.shape[2]
+    g = h // kh
+    k = k_bskd.transpose(0, 2, 1, 3)  # [B, K, S, hd]
+    v = v_bskd.transpose(0, 2, 1, 3)
+    scale = jnp.float32(hd ** -0.5)
+    outs = []
+    for i in range(t // block):
+        lo, hi = i * block, (i + 1) * block
+        q = q_bthd[:, lo:hi].reshape(b, block, kh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * block, hd)
+        s = jnp.matmul(q, k[:, :, :hi].swapaxes(-1, -2), preferred_element_type=jnp.float32) * scale
+        s = s.reshape(b, kh, g, block, hi)
+        s = jnp.where(mask_bts[:, None, None, lo:hi, :hi], s, jnp.finfo(jnp.float32).min)
+        p = jax.nn.softmax(s, axis=-1).astype(v.dtype).reshape(b, kh, g * block, hi)
+        o = jnp.matmul(p, v[:, :, :hi]).reshape(b, kh, g, block, hd).transpose(0, 3, 1, 2, 4)
+        outs.append(o.reshape(b, block, h, hd))
+    return jnp.concatenate(outs, axis=1)
