@@ -20,7 +20,7 @@ sys.path[:0] = [_here, os.path.dirname(_here)]
 from common import record, timeit, torch_smollm  # noqa: E402
 
 
-def jax_side(ids: np.ndarray, repeat: int):
+def jax_side(ids: np.ndarray, repeat: int, scan_layers: bool = True):
     import jax
     import jax.numpy as jnp
 
@@ -33,7 +33,7 @@ def jax_side(ids: np.ndarray, repeat: int):
     config, params = jaxft.load_pretrained("smollm2-135m-instruct")
     spec = peft.LoraSpec(r=16, alpha=32, target_modules="all-linear")
     adapter = peft.init(spec, config, params, jax.random.key(0))
-    model = Model(config, spec, ModelOptions())
+    model = Model(config, spec, ModelOptions(scan_layers=scan_layers))
     opt = make_optimizer(OptimConfig(lr=1e-4), adapter, 100)
     state = opt.init(adapter)
     step = make_train_step(model, opt)
@@ -81,10 +81,15 @@ def main(argv=None):
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
     ap.add_argument("--no-record", action="store_true")
+    ap.add_argument("--unrolled", action="store_true", help="jaxft: unroll the layer loop instead of lax.scan")
+    ap.add_argument("--jax-only", action="store_true", help="time jaxft alone (no record)")
     args = ap.parse_args(argv)
     ids = np.random.RandomState(0).randint(0, 49152, (args.batch, args.seq))
     tokens = args.batch * args.seq
-    jax_s, compile_s = jax_side(ids, args.repeat)
+    jax_s, compile_s = jax_side(ids, args.repeat, scan_layers=not args.unrolled)
+    if args.jax_only:
+        print(f"jaxft {tokens / jax_s:.0f} tokens/s (compile {compile_s:.1f} s)")
+        return
     torch_s = torch_side(ids, args.repeat, False)
     lines = ["| side | tokens/s |", "|---|---|", f"| jaxft (jit) | {tokens / jax_s:.0f} |",
              f"| transformers + peft (eager, sdpa) | {tokens / torch_s:.0f} |"]
