@@ -158,7 +158,7 @@ def head_weight(config: LlamaConfig, params: dict) -> Any:
     return params["lm_head"]["kernel"]
 
 
-def _default_positions(segment_ids: jax.Array) -> jax.Array:
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
     """Positions restarting at 0 in every segment (right or left padding both give real tokens 0..n-1)."""
     b, t = segment_ids.shape
     idx = jnp.broadcast_to(jnp.arange(t), (b, t))
@@ -224,7 +224,7 @@ def _inputs(input_ids, positions, segment_ids):
     if segment_ids is None:
         segment_ids = jnp.ones(input_ids.shape, jnp.int32)
     if positions is None:
-        positions = _default_positions(segment_ids)
+        positions = segment_positions(segment_ids)
     return positions, segment_ids
 
 

@@ -23,16 +23,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.models.config import LlamaConfig
+from jaxft.models.llama import segment_positions
 from jaxft.peft.specs import PrefixTuningSpec, PromptTuningSpec
 from jaxft.schema import ConfigError
-
-
-def _segment_positions(segment_ids: jax.Array) -> jax.Array:
-    """Position of each token within its segment (restarting at 0 where the segment id changes), `[B, T]`."""
-    b, t = segment_ids.shape
-    idx = jnp.broadcast_to(jnp.arange(t), (b, t))
-    starts = jnp.concatenate([jnp.ones((b, 1), bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
-    return (idx - jax.lax.cummax(jnp.where(starts, idx, 0), axis=1)).astype(jnp.int32)
 
 
 def init_prompt(spec: Any, config: LlamaConfig, params: dict, rng: jax.Array, *, tokenizer=None,
@@ -89,7 +82,7 @@ def prompt_inputs(spec: Any, adapter: dict, input_ids: jax.Array, *, segment_ids
             raise ValueError(f"prefix adapter: prefix_keys {tuple(keys.shape)} / prefix_values "
                              f"{tuple(values.shape)} do not match num_virtual_tokens={p}")
         kv = tuple(jnp.broadcast_to(x[:, None], (x.shape[0], b, *x.shape[1:])).astype(dtype) for x in (keys, values))
-        positions = p + _segment_positions(segment_ids)
+        positions = p + segment_positions(segment_ids)
         return {"input_ids": input_ids, "positions": positions, "segment_ids": segment_ids, "prefix_kv": kv}, 0
     if not isinstance(spec, PromptTuningSpec):
         raise ConfigError(f"prompt_inputs: {type(spec).__name__} is not a prompt method")
@@ -105,7 +98,7 @@ def prompt_inputs(spec: Any, adapter: dict, input_ids: jax.Array, *, segment_ids
     embeds = jnp.concatenate([jnp.broadcast_to(prompts.astype(dtype)[None], (b, p, prompts.shape[1])), embeds], 1)
     row_segment = jnp.max(segment_ids, axis=1, keepdims=True)  # the row's one segment (0 for an all-padding row)
     segments = jnp.concatenate([jnp.broadcast_to(row_segment, (b, p)), segment_ids], axis=1)
-    positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (b, p)), p + _segment_positions(segment_ids)], 1)
+    positions = jnp.concatenate([jnp.broadcast_to(jnp.arange(p), (b, p)), p + segment_positions(segment_ids)], 1)
     ids = jnp.concatenate([jnp.zeros((b, p), input_ids.dtype), input_ids], axis=1)
     return {"input_ids": ids, "positions": positions.astype(jnp.int32), "segment_ids": segments,
             "embeds": embeds}, p
