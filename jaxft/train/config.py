@@ -79,11 +79,19 @@ class EvalSection:
 class ExportSection:
     """adapter: write a peft adapter directory (PEFT methods). merged: write a merged HF model directory.
     verify: reload each export with transformers/peft and compare logits (`auto`: when torch, transformers and
-    peft are importable)."""
+    peft are importable). verify_layers: how many decoder layers the check loads into torch (None: all of them when
+    the model fits in half of the available host memory in fp32, otherwise the first layers that fit, at least one);
+    the summary and the model card say how many were checked."""
 
     adapter: bool = True
     merged: bool = False
     verify: Literal["auto", "on", "off"] = "auto"
+    verify_layers: int | None = None
+
+    def __post_init__(self):
+        if self.verify_layers is not None and self.verify_layers < 1:
+            raise ConfigError(f"export.verify_layers: must be a positive number of layers or null (automatic), "
+                              f"got {self.verify_layers!r}")
 
 
 @dataclasses.dataclass(frozen=True)

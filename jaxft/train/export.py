@@ -1,10 +1,10 @@
 """Exports at the end of a run: a peft adapter directory and/or a merged HF model directory, each with a model card,
-each checked by reloading it with transformers / peft and comparing logits with jaxft's."""
+each checked by reloading it with transformers / peft and comparing logits with jaxft's (on the first layers only
+when the whole model does not fit in host memory; see `jaxft.train.verify`)."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import os
 from typing import Any
@@ -12,6 +12,10 @@ from typing import Any
 import numpy as np
 
 from jaxft.schema import to_dict
+from jaxft.train.verify import plan_verify, probe_logits, verify_adapter, verify_available, verify_merged
+
+__all__ = ["dataset_files", "export_all", "model_card", "sha256", "verify_adapter", "verify_available",
+           "verify_merged"]
 
 
 def sha256(path: str) -> str:
@@ -66,70 +70,37 @@ Base model: `{cfg.model.path}`. Method: `{cfg.method_type}`.
 """
 
 
-def verify_available() -> bool:
-    return all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers", "peft"))
-
-
-def _torch_base(model_path: str):
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from jaxft.io.default import resolve_model_path
-
-    path = resolve_model_path(model_path)
-    if path.endswith(".gguf"):
-        return AutoModelForCausalLM.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path),
-                                                    dtype=torch.float32).eval()
-    return AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-
-
-def _rel(a, b) -> float:
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
-
-
-def verify_merged(merged_dir: str, jax_logits: np.ndarray, ids: np.ndarray) -> float:
-    """Max relative logit error of transformers loading `merged_dir` against jaxft's logits."""
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.float32).eval()
-    with torch.no_grad():
-        ref = model(torch.tensor(ids)).logits.numpy()
-    return _rel(jax_logits, ref)
-
-
-def verify_adapter(model_path: str, adapter_dir: str, jax_logits: np.ndarray, ids: np.ndarray) -> float:
-    """Max relative logit error of peft's `PeftModel.from_pretrained(base, adapter_dir)` against jaxft's logits."""
-    import torch
-    from peft import PeftModel
-
-    model = PeftModel.from_pretrained(_torch_base(model_path), adapter_dir).eval()
-    with torch.no_grad():
-        ref = model(input_ids=torch.tensor(ids)).logits.numpy()
-    return _rel(jax_logits[:, -ref.shape[1]:], ref[:, -jax_logits.shape[1]:])
+def _probe(prepared) -> np.ndarray:
+    """`ids[B, T]`: the first 64 tokens of up to two eval examples (a train example when there is no eval split)."""
+    probe = [np.asarray(ex.ids[:64]) for ex in prepared.eval[:2]] or [np.asarray(prepared.train[0].ids[:64])]
+    width = min(len(p) for p in probe)
+    return np.stack([p[:width] for p in probe]).astype(np.int32)
 
 
 def export_all(cfg, model, trainable, frozen, params, tokenizer, prepared, metrics: dict) -> dict[str, Any]:
-    """Write the exports the config asks for, verify each, and return summary entries."""
-    import jax.numpy as jnp
+    """Write the exports the config asks for, verify each, and return summary entries.
 
+    The check of each export loads the whole model into torch when it fits in half of the available host memory,
+    else its first layers (export.verify_layers forces the number); the summary's `... verify (checked)` entry and
+    the model card say which.
+    """
     import jaxft
     from jaxft import peft
-    from jaxft.train.step import final_hidden, is_prompt_method
+    from jaxft.train.step import is_prompt_method
 
     out: dict[str, Any] = {}
     want_verify = cfg.export.verify == "on" or (cfg.export.verify == "auto" and verify_available())
     if cfg.export.verify == "on" and not verify_available():
         out["verify"] = "requested but torch/transformers/peft are not importable (pip install -e '.[verify]')"
         want_verify = False
-    probe = [np.asarray(ex.ids[:64]) for ex in prepared.eval[:2]] or [np.asarray(prepared.train[0].ids[:64])]
-    width = min(len(p) for p in probe)
-    ids = np.stack([p[:width] for p in probe]).astype(np.int32)
-    batch = {"input_ids": jnp.asarray(ids), "segment_ids": jnp.ones(ids.shape, jnp.int32),
-             "positions": jnp.broadcast_to(jnp.arange(width), ids.shape).astype(jnp.int32)}
-    h, bound = final_hidden(model, trainable, frozen, batch)
-    logits = np.asarray(jaxft.linear(h, jaxft.models.llama.head_weight(model.config, bound)).astype(jnp.float32))
+    ids = _probe(prepared)
+    cache: dict[int | None, np.ndarray] = {}
+
+    def logits(layers: int | None) -> np.ndarray:
+        if layers not in cache:
+            cache[layers] = probe_logits(model, trainable, frozen, ids, layers)
+        return cache[layers]
+
     card_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float))}
     notes = []
     if model.spec is not None and cfg.export.adapter:
@@ -138,10 +109,15 @@ def export_all(cfg, model, trainable, frozen, params, tokenizer, prepared, metri
                                      base_model_name_or_path=cfg.model.path) or []
         notes += list(warnings)
         check = "not run"
-        if want_verify:
-            err = verify_adapter(cfg.model.path, d, logits, ids)
-            check = f"peft PeftModel.from_pretrained logits vs jaxft: max relative error {err:.2e}"
+        if want_verify and isinstance(model.spec, (peft.HoulsbySpec, peft.BitFitSpec)):
+            check = "not run: peft cannot load jaxft's own Houlsby / BitFit adapter format"
+        elif want_verify:
+            plan = plan_verify(model.config, adapter=trainable, forced=cfg.export.verify_layers)
+            err = verify_adapter(cfg.model.path, d, logits(plan.layers_arg), ids, layers=plan.layers_arg)
+            check = (f"peft PeftModel.from_pretrained logits vs jaxft on {plan.describe()}: max relative error "
+                     f"{err:.2e}")
             out["adapter verify (rel. err)"] = err
+            out["adapter verify (checked)"] = plan.describe()
         with open(os.path.join(d, "README.md"), "w") as f:
             f.write(model_card(cfg, "Adapter", card_metrics, check, notes))
         out["adapter"] = d
@@ -152,11 +128,15 @@ def export_all(cfg, model, trainable, frozen, params, tokenizer, prepared, metri
             d = os.path.join(cfg.output_dir, "merged")
             merged = trainable if model.spec is None else peft.merge(frozen, model.spec, trainable)
             jaxft.save_pretrained(model.config, merged, d, tokenizer)
+            del merged
             check = "not run"
             if want_verify:
-                err = verify_merged(d, logits, ids)
-                check = f"transformers AutoModelForCausalLM logits vs jaxft: max relative error {err:.2e}"
+                plan = plan_verify(model.config, forced=cfg.export.verify_layers)
+                err = verify_merged(d, logits(plan.layers_arg), ids, layers=plan.layers_arg)
+                check = (f"transformers AutoModelForCausalLM logits vs jaxft on {plan.describe()}: max relative "
+                         f"error {err:.2e}")
                 out["merged verify (rel. err)"] = err
+                out["merged verify (checked)"] = plan.describe()
             with open(os.path.join(d, "README.md"), "w") as f:
                 f.write(model_card(cfg, "Model", card_metrics, check, notes))
             out["merged"] = d
