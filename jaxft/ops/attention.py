@@ -6,6 +6,8 @@ id, and that id is not 0 (padding). Prefix keys/values (prefix tuning) are visib
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -63,21 +65,123 @@ def blocked_causal_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.A
     them changes nothing but the work (about half of it at long lengths). Each block is one batched GEMM per
     (batch, kv head) with the query group folded into the rows, which XLA's CPU backend runs faster than the
     five-index einsum. Same numbers as `attention` up to float32 rounding.
+
+    A custom VJP in the manner of FlashAttention's backward pass: the forward pass keeps only q, k, v, the output
+    and the per-row max and sum of the softmax; the backward pass recomputes each block's probabilities from them. Autodiff would
+    store every block's scores, mask and probabilities (about 2.5x the time of this backward on a 2-core CPU at
+    SmolLM2 sizes, measured by benchmarks/attention.py).
     """
+    return _blocked(q_bthd, k_bskd, v_bskd, mask_bts, block)
+
+
+def _heads_major(q_bthd: jax.Array, kh: int, lo: int, hi: int) -> jax.Array:
+    """Query rows `[lo, hi)` of `q[B, T, H, hd]` as `[B, K, G * (hi - lo), hd]` (the group folded into rows)."""
+    b, _, h, hd = q_bthd.shape
+    g = h // kh
+    return q_bthd[:, lo:hi].reshape(b, hi - lo, kh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * (hi - lo), hd)
+
+
+def _tokens_major(x_bkrd: jax.Array, h: int) -> jax.Array:
+    """Inverse of `_heads_major` for one block: `[B, K, G * n, hd]` -> `[B, n, H, hd]`."""
+    b, kh, rows, hd = x_bkrd.shape
+    g = h // kh
+    n = rows // g
+    return x_bkrd.reshape(b, kh, g, n, hd).transpose(0, 3, 1, 2, 4).reshape(b, n, h, hd)
+
+
+def _materialized(x: jax.Array) -> jax.Array:
+    """`x` laid out as written. XLA folds a transpose into the dot that reads it; on CPU a dot contracting an
+    operand's last axis against the other's last axis (q k^T), or two leading axes (ds^T q), runs at 0.6-0.8x of
+    the plain [M, K] @ [K, N] layout, while the explicit transpose of a small operand costs next to nothing."""
+    return jax.lax.optimization_barrier(x)
+
+
+def _block_scores(q_bkrd, k_bkds, mask_bts, lo, hi, g, scale):
+    """Masked fp32 scores of query rows `[lo, hi)` against keys `[0, hi)`: `[B, K, G, hi - lo, hi]`.
+
+    q[B, K, G * (hi - lo), hd], k transposed `[B, K, hd, S]`."""
+    b, kh, _, _ = q_bkrd.shape
+    s = jnp.matmul(q_bkrd, k_bkds[..., :hi], preferred_element_type=jnp.float32) * scale
+    s = s.reshape(b, kh, g, hi - lo, hi)
+    return jnp.where(mask_bts[:, None, None, lo:hi, :hi], s, jnp.finfo(jnp.float32).min)
+
+
+def _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, block):
     b, t, h, hd = q_bthd.shape
     kh = k_bskd.shape[2]
     g = h // kh
-    k = k_bskd.transpose(0, 2, 1, 3)  # [B, K, S, hd]
-    v = v_bskd.transpose(0, 2, 1, 3)
+    k_t = _materialized(k_bskd.transpose(0, 2, 3, 1))  # [B, K, hd, S]
+    v = v_bskd.transpose(0, 2, 1, 3)  # [B, K, S, hd]
     scale = jnp.float32(hd ** -0.5)
-    outs = []
+    outs, stats = [], []
     for i in range(t // block):
         lo, hi = i * block, (i + 1) * block
-        q = q_bthd[:, lo:hi].reshape(b, block, kh, g, hd).transpose(0, 2, 3, 1, 4).reshape(b, kh, g * block, hd)
-        s = jnp.matmul(q, k[:, :, :hi].swapaxes(-1, -2), preferred_element_type=jnp.float32) * scale
-        s = s.reshape(b, kh, g, block, hi)
-        s = jnp.where(mask_bts[:, None, None, lo:hi, :hi], s, jnp.finfo(jnp.float32).min)
-        p = jax.nn.softmax(s, axis=-1).astype(v.dtype).reshape(b, kh, g * block, hi)
-        o = jnp.matmul(p, v[:, :, :hi]).reshape(b, kh, g, block, hd).transpose(0, 3, 1, 2, 4)
-        outs.append(o.reshape(b, block, h, hd))
-    return jnp.concatenate(outs, axis=1)
+        s = _block_scores(_heads_major(q_bthd, kh, lo, hi), k_t, mask_bts, lo, hi, g, scale)
+        row_max = jnp.max(s, axis=-1, keepdims=True)
+        e = jnp.exp(s - row_max)
+        row_sum = jnp.sum(e, axis=-1, keepdims=True)  # [B, K, G, n, 1]
+        o = jnp.matmul(e.astype(v.dtype).reshape(b, kh, g * block, hi), v[:, :, :hi],
+                       preferred_element_type=jnp.float32)
+        o = o / row_sum.reshape(b, kh, g * block, 1)
+        outs.append(_tokens_major(o.astype(v.dtype), h))
+        # The max and 1/sum, not their log-sum-exp: on a fully masked row max + log(sum) rounds back to max.
+        stats.append((row_max.reshape(b, kh, g * block, 1), (1.0 / row_sum).reshape(b, kh, g * block, 1)))
+    return jnp.concatenate(outs, axis=1), stats
+
+
+def _blocked_fwd_impl_out(q_bthd, k_bskd, v_bskd, mask_bts, block):
+    """The blocked forward alone, differentiated by plain autodiff (benchmarks/attention.py compares)."""
+    return _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, block)[0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blocked(q_bthd, k_bskd, v_bskd, mask_bts, block):
+    return _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, block)[0]
+
+
+def _blocked_fwd(q_bthd, k_bskd, v_bskd, mask_bts, block):
+    out, stats = _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, block)
+    return out, (q_bthd, k_bskd, v_bskd, mask_bts, out, stats)
+
+
+def _blocked_bwd(block, res, d_out):
+    """Per query block: p = softmax (recomputed), dv += p^T do, ds = p (do v^T - rowsum(do o)), dq = ds k,
+    dk += ds^T q. The key/value gradients are accumulated transposed, `[B, K, hd, S]`, so every product is a
+    plain [M, K] @ [K, N] (see `_materialized`)."""
+    q_bthd, k_bskd, v_bskd, mask_bts, out, stats = res
+    b, t, h, hd = q_bthd.shape
+    kh = k_bskd.shape[2]
+    g = h // kh
+    cdt = q_bthd.dtype
+    k = k_bskd.transpose(0, 2, 1, 3)  # [B, K, S, hd]
+    k_t = _materialized(k_bskd.transpose(0, 2, 3, 1))  # [B, K, hd, S]
+    v_t = _materialized(v_bskd.transpose(0, 2, 3, 1))
+    scale = jnp.float32(hd ** -0.5)
+    dk_t = jnp.zeros((b, kh, hd, t), jnp.float32)
+    dv_t = jnp.zeros((b, kh, hd, t), jnp.float32)
+    dqs = []
+    for i in range(t // block):
+        lo, hi = i * block, (i + 1) * block
+        q = _heads_major(q_bthd, kh, lo, hi)  # [B, K, R, hd], R = G * block
+        do = _heads_major(d_out, kh, lo, hi)
+        q_t, do_t = _materialized((q.swapaxes(-1, -2), do.swapaxes(-1, -2)))  # [B, K, hd, R]
+        o = _heads_major(out, kh, lo, hi)
+        s = _block_scores(q, k_t, mask_bts, lo, hi, g, scale).reshape(b, kh, g * block, hi)
+        row_max, inv_sum = stats[i]
+        p = jnp.exp(s - row_max) * inv_sum  # softmax, [B, K, R, hi]
+        delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
+        dp = jnp.matmul(do, v_t[..., :hi], preferred_element_type=jnp.float32)
+        # Masked scores are constants: no gradient (matters only for fully masked rows, where p is uniform).
+        keep = jnp.broadcast_to(mask_bts[:, None, None, lo:hi, :hi], (b, kh, g, block, hi)).reshape(s.shape)
+        ds = jnp.where(keep, p * (dp - delta) * scale, 0.0).astype(cdt)
+        dqs.append(_tokens_major(jnp.matmul(ds, k[:, :, :hi], preferred_element_type=jnp.float32).astype(cdt), h))
+        pad = ((0, 0), (0, 0), (0, 0), (0, t - hi))
+        dk_t = dk_t + jnp.pad(jnp.matmul(q_t, ds, preferred_element_type=jnp.float32), pad)
+        dv_t = dv_t + jnp.pad(jnp.matmul(do_t, p.astype(cdt), preferred_element_type=jnp.float32), pad)
+    dq = jnp.concatenate(dqs, axis=1)
+    dk = dk_t.transpose(0, 3, 1, 2).astype(k_bskd.dtype)
+    dv = dv_t.transpose(0, 3, 1, 2).astype(v_bskd.dtype)
+    return dq, dk, dv, None
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)
