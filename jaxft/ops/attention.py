@@ -67,9 +67,9 @@ def blocked_causal_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.A
     five-index einsum. Same numbers as `attention` up to float32 rounding.
 
     A custom VJP in the manner of FlashAttention's backward pass: the forward pass keeps only q, k, v, the output
-    and the per-row max and sum of the softmax; the backward pass recomputes each block's probabilities from them. Autodiff would
-    store every block's scores, mask and probabilities (about 2.5x the time of this backward on a 2-core CPU at
-    SmolLM2 sizes, measured by benchmarks/attention.py).
+    and each row's softmax max and sum; the backward pass recomputes each block's probabilities from them.
+    Autodiff would keep every block's scores, mask and probabilities (O(T^2) per layer and head) for the backward
+    pass; the time is about the same either way on a 2-core CPU (benchmarks/attention.py), the memory is not.
     """
     return _blocked(q_bthd, k_bskd, v_bskd, mask_bts, block)
 
