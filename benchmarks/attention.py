@@ -8,6 +8,7 @@ the ratio last (> 1 means jaxft is faster).
 from __future__ import annotations
 
 import argparse
+import importlib
 import os
 import sys
 
@@ -15,7 +16,7 @@ import numpy as np
 
 _here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_here, os.path.dirname(_here)]
-from common import record, timeit  # noqa: E402
+from common import report, timeit  # noqa: E402
 
 
 def main(argv=None):
@@ -32,8 +33,6 @@ def main(argv=None):
     import jax
     import jax.numpy as jnp
     import torch
-
-    import importlib
 
     A = importlib.import_module("jaxft.ops.attention")  # the module (jaxft.ops re-exports a function by that name)
 
@@ -75,10 +74,7 @@ def main(argv=None):
              f"| torch scaled_dot_product_attention (is_causal) | {torch_s * 1e3:.1f} |", "",
              f"batch {b} x {t}, {h} heads / {kh} kv heads, head dim {d}, fp32, block {block}; torch threads "
              f"{torch.get_num_threads()}.", "", f"**ratio jaxft / torch: {ratio:.2f}x**"]
-    print("\n".join(lines))
-    if not args.no_record:
-        record("attention", lines)
-    print(f"ratio {ratio:.2f}x")
+    report("attention", lines, ratio, record_it=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -48,3 +48,11 @@ def record(name: str, lines: list[str]) -> None:
     kept = [parts[0].rstrip("\n")] + ["## " + p.rstrip("\n") for p in parts[1:] if not p.startswith(name + "\n")]
     with open(path, "w") as f:
         f.write("\n\n".join(kept + [block.rstrip("\n")]) + "\n")
+
+
+def report(name: str, lines: list[str], ratio: float, *, record_it: bool) -> None:
+    """Print a benchmark's table, write it to RESULTS.md unless told not to, and print the ratio last."""
+    print("\n".join(lines))
+    if record_it:
+        record(name, lines)
+    print(f"ratio {ratio:.2f}x")

@@ -13,7 +13,7 @@ import numpy as np
 
 _here = __import__("os").path.dirname(__import__("os").path.abspath(__file__))
 sys.path[:0] = [_here, __import__("os").path.dirname(_here)]
-from common import record, timeit, torch_smollm  # noqa: E402
+from common import report, timeit, torch_smollm  # noqa: E402
 
 
 def main(argv=None):
@@ -57,10 +57,7 @@ def main(argv=None):
         "", f"batch {args.batch} x {args.seq}, fp32; jaxft first call (compile) {compile_s:.1f} s; "
         f"torch threads {torch.get_num_threads()}.", "", f"**ratio jaxft / transformers: {ratio:.2f}x** (goal >= 1.0x)",
     ]
-    print("\n".join(lines))
-    if not args.no_record:
-        record("forward", lines)
-    print(f"ratio {ratio:.2f}x")
+    report("forward", lines, ratio, record_it=not args.no_record)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import numpy as np
 
 _here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_here, os.path.dirname(_here)]
-from common import record, timeit, torch_smollm  # noqa: E402
+from common import report, timeit, torch_smollm  # noqa: E402
 
 
 def jax_side(ids: np.ndarray, repeat: int, scan_layers: bool = True):
@@ -102,10 +102,7 @@ def main(argv=None):
     ratio = torch_s / jax_s
     lines += ["", f"LoRA r16 all-linear, batch {args.batch} x {args.seq}, fp32; jaxft first step (compile) "
               f"{compile_s:.1f} s.", "", f"**ratio jaxft / transformers+peft eager: {ratio:.2f}x** (goal >= 1.2x)"]
-    print("\n".join(lines))
-    if not args.no_record:
-        record("train_step", lines)
-    print(f"ratio {ratio:.2f}x")
+    report("train_step", lines, ratio, record_it=not args.no_record)
 
 
 if __name__ == "__main__":

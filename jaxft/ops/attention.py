@@ -6,8 +6,6 @@ id, and that id is not 0 (padding). Prefix keys/values (prefix tuning) are visib
 
 from __future__ import annotations
 
-import functools
-
 import jax
 import jax.numpy as jnp
 
@@ -130,13 +128,12 @@ def _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, block):
 
 
 def _blocked_fwd_impl_out(q_bthd, k_bskd, v_bskd, mask_bts, block):
-    """The blocked forward alone, differentiated by plain autodiff (benchmarks/attention.py compares)."""
+    """The blocked forward alone: the primal of `_blocked`; differentiated by plain autodiff in
+    benchmarks/attention.py for comparison."""
     return _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, block)[0]
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blocked(q_bthd, k_bskd, v_bskd, mask_bts, block):
-    return _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, block)[0]
+_blocked = jax.custom_vjp(_blocked_fwd_impl_out, nondiff_argnums=(4,))
 
 
 def _blocked_fwd(q_bthd, k_bskd, v_bskd, mask_bts, block):

@@ -11,15 +11,25 @@ from jaxft.ops.attention import attention, attention_mask, blocked_causal_attent
 from jaxft.testing import hf_tiny, rel_err
 
 
-def test_blocked_equals_plain_with_packing_and_padding():
-    rng = np.random.RandomState(0)
+def _packed_inputs(padding: bool):
+    """q, k, v `[2, 256, heads, 16]` (6 query / 2 kv heads) over packed rows, their segment ids, mask and an output
+    cotangent; `padding` makes row 1's last 56 tokens padding (fully masked)."""
+    rng = np.random.RandomState(3)
     b, t, h, k, d = 2, 256, 6, 2, 16
     q, kk, v = (jnp.asarray(rng.randn(b, t, n, d).astype(np.float32)) for n in (h, k, k))
     seg = np.ones((b, t), np.int32)
     seg[0, 100:] = 2
-    seg[1, 200:] = 0
+    seg[1, 170:] = 3
+    if padding:
+        seg[1, 200:] = 0
     seg = jnp.asarray(seg)
     mask = attention_mask(seg, seg, jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.arange(t))
+    d_out = jnp.asarray(rng.randn(b, t, h, d).astype(np.float32))
+    return q, kk, v, seg, mask, d_out
+
+
+def test_blocked_equals_plain_with_packing_and_padding():
+    q, kk, v, seg, mask, _ = _packed_inputs(padding=True)
     plain = attention(q, kk, v, mask, q_segment_ids=seg)
     for block in (64, 128):
         assert rel_err(blocked_causal_attention(q, kk, v, mask, block), plain) <= 1e-6
@@ -36,21 +46,6 @@ def test_model_at_blocked_length_matches_transformers(tmp_path):
         ref = model(torch.tensor(ids)).logits.numpy()
     out = jax.jit(lambda p, i: jaxft.forward(config, p, i))(params, jnp.asarray(ids))
     assert rel_err(out, ref) <= 1e-5
-
-
-def _packed_inputs(padding: bool):
-    rng = np.random.RandomState(3)
-    b, t, h, k, d = 2, 256, 6, 2, 16
-    q, kk, v = (jnp.asarray(rng.randn(b, t, n, d).astype(np.float32)) for n in (h, k, k))
-    seg = np.ones((b, t), np.int32)
-    seg[0, 100:] = 2
-    seg[1, 170:] = 3
-    if padding:
-        seg[1, 200:] = 0
-    seg = jnp.asarray(seg)
-    mask = attention_mask(seg, seg, jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.arange(t))
-    d_out = jnp.asarray(rng.randn(b, t, h, d).astype(np.float32))
-    return q, kk, v, seg, mask, d_out
 
 
 def test_blocked_gradients_match_torch_sdpa():
