@@ -6,11 +6,11 @@ RoPE layout; they are permuted back to transformers' rotate-half layout here (as
 
 from __future__ import annotations
 
+import os
 import re
-from typing import Iterator
-
 import numpy as np
 
+from jaxft.io.stored import StoredTensor
 from jaxft.models.config import LlamaConfig, RopeScaling, UnsupportedConfigError
 
 _ARCHS = {"llama": "llama", "qwen2": "qwen2"}
@@ -93,10 +93,13 @@ def config_from_gguf(reader, path: str = "") -> LlamaConfig:
     )
 
 
-def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """Undo llama.cpp's per-head row interleaving of q/k projections (`[out, in]` layout)."""
-    dim = w.shape[0] // n_head // 2
-    return w.reshape(n_head, dim, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def _interleaved_rows(rows: int, n_head: int) -> np.ndarray:
+    """For a q/k projection stored by llama.cpp, the HF row that each stored row holds.
+
+    llama.cpp interleaves the two rotary halves of each head's rows: stored row `h*2d + 2k + t` is HF row
+    `h*2d + t*d + k` (transformers' GGUF loader undoes the same permutation)."""
+    d = rows // n_head // 2
+    return np.arange(rows).reshape(n_head, 2, d).swapaxes(1, 2).reshape(rows)
 
 
 def hf_name(gguf_name: str) -> str | None:
@@ -109,19 +112,39 @@ def hf_name(gguf_name: str) -> str | None:
     return None
 
 
-def iter_gguf_tensors(reader, config: LlamaConfig, path: str = "") -> Iterator[tuple[str, np.ndarray]]:
-    """Yield `(hf_name, float32 array in HF layout)` one tensor at a time, dequantised."""
+def _decoder(qtype, name: str, path: str):
     from gguf import dequantize
 
+    def decode(raw: np.ndarray) -> np.ndarray:
+        try:
+            return np.asarray(dequantize(raw, qtype), dtype=np.float32)
+        except Exception as e:
+            raise ValueError(f"{path}: cannot dequantise tensor '{name}' ({qtype.name}): {e}") from None
+
+    return decode
+
+
+def gguf_model(path: str) -> tuple[LlamaConfig, list[StoredTensor]]:
+    """The config of a GGUF file and its tensors under their HF names, in HF layout, dequantised to float32 as read.
+
+    The `gguf` reader (whose tokenizer metadata alone takes about 150 MiB for a 49k vocabulary) is dropped before
+    this returns; the tensors are read later from their file offsets."""
+    reader = open_gguf(path)
+    config = config_from_gguf(reader, path)
+    size = os.path.getsize(path)
+    out = []
     for t in reader.tensors:
         name = hf_name(t.name)
         if name is None:
             raise ValueError(f"{path}: unexpected GGUF tensor '{t.name}' for a {config.model_type} model")
-        try:
-            w = np.asarray(dequantize(t.data, t.tensor_type), dtype=np.float32)
-        except Exception as e:
-            raise ValueError(f"{path}: cannot dequantise tensor '{t.name}' ({t.tensor_type.name}): {e}") from None
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions innermost first
+        offset, nbytes = int(t.data_offset), int(t.n_bytes)
+        if offset + nbytes > size:
+            raise ValueError(f"{path}: not a readable GGUF file (truncated or corrupt: tensor '{t.name}' ends "
+                             f"at byte {offset + nbytes} of a {size}-byte file)")
+        order = None
         if config.model_type == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):
             heads = config.num_attention_heads if ".attn_q." in t.name else config.num_key_value_heads
-            w = _unpermute(w, heads)
-        yield name, w
+            order = _interleaved_rows(shape[0], heads)
+        out.append(StoredTensor(name, shape, path, offset, nbytes, _decoder(t.tensor_type, t.name, path), order))
+    return config, out

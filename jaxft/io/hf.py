@@ -1,25 +1,26 @@
 """Load and save models: HF directories (safetensors, single or sharded), GGUF files, the embedded default.
 
-Loading streams tensor by tensor into preallocated leaves of the target dtype, so the host holds about one copy of
-the model plus one tensor, and checks every name and shape against the config before anything is returned: a
-half-filled tree is never handed out.
+Loading checks every name and shape against the config before reading any data, then streams each tensor a slab of
+rows at a time into preallocated leaves of the target dtype (`jaxft.io.stored`): the host holds one copy of the model
+plus one slab, and a half-filled tree is never handed out.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
-from typing import Any, Iterator
+from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_dtypes
 import numpy as np
 
 from jaxft.io.convert import TensorEntry, iter_hf_tensors, tensor_table
 from jaxft.io.default import resolve_model_path
+from jaxft.io.stored import StoredTensor, safetensors_tensors
 from jaxft.models.config import LlamaConfig, from_hf, to_hf
 
 _BENIGN_EXTRA = ("rotary_emb.inv_freq",)
@@ -64,62 +65,52 @@ def _safetensors_files(model_dir: str) -> list[str]:
     raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
 
 
-def _iter_safetensors(files: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-    from safetensors import safe_open
-
-    for path in files:
-        if not os.path.exists(path):
-            raise FileNotFoundError(f"{path}: shard listed in the index is missing")
-        try:
-            with safe_open(path, framework="numpy") as f:
-                for name in f.keys():
-                    yield name, f.get_tensor(name)
-        except (OSError, ValueError, RuntimeError) as e:
-            if isinstance(e, FileNotFoundError):
-                raise
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"{path}: unreadable safetensors file (truncated or corrupt: {msg})") from None
-        except Exception as e:  # safetensors raises its own SafetensorError
-            msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-            raise ValueError(f"{path}: unreadable safetensors file (truncated or corrupt: {msg})") from None
+def _host_buffer(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised host array whose data starts on an `align`-byte boundary: XLA:CPU adopts such a buffer as a
+    device array without copying it (`device_put(..., may_alias=True)`); a plain `np.empty` is 16-byte aligned and
+    gets copied, which briefly doubles each leaf."""
+    n = math.prod(shape) * dtype.itemsize
+    raw = np.empty(n + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + n].view(dtype).reshape(shape)
 
 
-def _fill(config: LlamaConfig, tensors: Iterator[tuple[str, np.ndarray]], dtype: np.dtype, where: str) -> dict:
-    """Place streamed HF tensors into preallocated leaves; check names and shapes; return the jax tree."""
+def _fill(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dtype, where: str) -> dict:
+    """Check every name and shape against the config, then copy the tensors slab by slab into preallocated leaves
+    of the target dtype; return the jax tree (the host buffers become the arrays without a copy on CPU)."""
     table = {e.hf_name: e for e in tensor_table(config)}
+    found: dict[str, StoredTensor] = {}
+    for t in stored:
+        e: TensorEntry | None = table.get(t.name)
+        if e is None:
+            if t.name.endswith(_BENIGN_EXTRA) or (t.name == "lm_head.weight" and config.tie_word_embeddings):
+                continue
+            raise ValueError(f"{where}: unexpected tensor '{t.name}' for a {config.model_type} model with this config")
+        if t.shape != e.hf_shape:
+            raise ValueError(f"{where}: tensor '{t.name}' has shape {t.shape}, the config expects {e.hf_shape}")
+        found[t.name] = t
+    missing = [n for n in table if n not in found]
+    if missing:
+        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
+        raise ValueError(f"{where}: missing tensors {', '.join(missing[:3])}{more}; the file is incomplete or "
+                         "does not match its config")
     buffers: dict[tuple[str, ...], np.ndarray] = {}
     for e in table.values():
         if e.path not in buffers:
             shape = tuple(reversed(e.hf_shape)) if e.transpose else e.hf_shape
             if e.layer is not None:
                 shape = (config.num_hidden_layers, *shape)
-            buffers[e.path] = np.empty(shape, dtype)
-    seen: set[str] = set()
-    for name, value in tensors:
-        e: TensorEntry | None = table.get(name)
-        if e is None:
-            if name.endswith(_BENIGN_EXTRA) or (name == "lm_head.weight" and config.tie_word_embeddings):
-                continue
-            raise ValueError(f"{where}: unexpected tensor '{name}' for a {config.model_type} model with this config")
-        if tuple(value.shape) != e.hf_shape:
-            raise ValueError(f"{where}: tensor '{name}' has shape {tuple(value.shape)}, the config expects {e.hf_shape}")
-        value = value.T if e.transpose else value
-        if e.layer is None:
-            buffers[e.path][...] = value
-        else:
-            buffers[e.path][e.layer] = value
-        seen.add(name)
-    missing = [n for n in table if n not in seen]
-    if missing:
-        more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ValueError(f"{where}: missing tensors {', '.join(missing[:3])}{more}; the file is incomplete or "
-                         "does not match its config")
+            buffers[e.path] = _host_buffer(shape, dtype)
+    for name, t in found.items():
+        e = table[name]
+        dst = buffers[e.path] if e.layer is None else buffers[e.path][e.layer]
+        t.copy_into(dst.T if e.transpose else dst)
     params: dict[str, Any] = {}
     for path in list(buffers):
         node = params
         for k in path[:-1]:
             node = node.setdefault(k, {})
-        node[path[-1]] = jnp.asarray(buffers.pop(path))  # free each host buffer as soon as it is on the device
+        node[path[-1]] = jax.device_put(buffers.pop(path), may_alias=True)  # CPU: adopts the buffer
     return params
 
 
@@ -151,16 +142,14 @@ def load_pretrained(path: str, dtype="float32") -> tuple[LlamaConfig, dict]:
     path = resolve_model_path(path)
     if os.path.isdir(path):
         config = from_hf(_read_json(os.path.join(path, "config.json")))
-        tensors = _iter_safetensors(_safetensors_files(path))
+        stored = [t for f in _safetensors_files(path) for t in safetensors_tensors(f)]
     elif path.endswith(".gguf") and os.path.isfile(path):
-        from jaxft.io.gguf import config_from_gguf, iter_gguf_tensors, open_gguf
+        from jaxft.io.gguf import gguf_model
 
-        reader = open_gguf(path)
-        config = config_from_gguf(reader, path)
-        tensors = iter_gguf_tensors(reader, config, path)
+        config, stored = gguf_model(path)
     else:
         raise _bad_path(path)
-    return config, _fill(config, tensors, np_dtype, path)
+    return config, _fill(config, stored, np_dtype, path)
 
 
 def _shard_bytes(limit: int | str) -> int:

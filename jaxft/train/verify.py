@@ -11,7 +11,7 @@ that exceeds half of the available host memory, the check runs on the first `k` 
                  export (or the base model) and never the whole file set at once; for the adapter check, a copy of
                  the adapter with the tensors of layers < k, loaded with `PeftModel.from_pretrained` on that base.
 
-A `.gguf` base is read with jaxft's own dequantisation (`jaxft.io.gguf.iter_gguf_tensors`, only the tensors kept):
+A `.gguf` base is read with jaxft's own dequantisation (`jaxft.io.gguf.gguf_model`, only the tensors kept):
 the partial adapter check then tests the adapter and the model's math, not jaxft's GGUF conversion.
 """
 
@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import tempfile
-import types
 from typing import Any, Iterator
 
 import jax
@@ -203,14 +202,11 @@ def _source_tensors(src: str, k: int) -> tuple[dict, Iterator[tuple[str, Any]]]:
 
     src = resolve_model_path(src)
     if src.endswith(".gguf"):
-        from jaxft.io.gguf import config_from_gguf, hf_name, iter_gguf_tensors, open_gguf
+        from jaxft.io.gguf import gguf_model
         from jaxft.models.config import to_hf
 
-        reader = open_gguf(src)
-        config = config_from_gguf(reader, src)
-        kept = types.SimpleNamespace(tensors=[t for t in reader.tensors if _keep(hf_name(t.name) or t.name, k)])
-        # torch.tensor copies: a float32 GGUF tensor is a read-only memmap
-        return to_hf(config), ((n, torch.tensor(w)) for n, w in iter_gguf_tensors(kept, config, src))
+        config, stored = gguf_model(src)
+        return to_hf(config), ((t.name, torch.from_numpy(t.array())) for t in stored if _keep(t.name, k))
     from jaxft.io.hf import _read_json, _safetensors_files  # the loader's own file discovery (index or single)
 
     hf = _read_json(os.path.join(src, "config.json"))

@@ -1,0 +1,128 @@
+"""Tensors as they lie in a file, read a slab of rows at a time with plain reads (no mmap).
+
+Loading copies each slab straight into its place in the preallocated parameter tree, so the host never holds a
+second copy of a tensor: peak memory is the model in its target dtype plus one slab. A memory map would add the
+touched file pages to the process's resident set, and a whole-tensor read would add the largest tensor (the
+embedding: a fifth of a small model).
+
+The safetensors header is read here rather than through `safetensors.safe_open`, which maps the file and hands out
+whole tensors; the format is the 8-byte little-endian header length, a JSON header of
+`{name: {dtype, shape, data_offsets}}`, then the data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from typing import Callable, Iterator
+
+import ml_dtypes
+import numpy as np
+
+SLAB_BYTES = 16 << 20  # float32 bytes per slab handed to the loader
+
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+
+
+@dataclasses.dataclass(frozen=True)
+class StoredTensor:
+    """One tensor of a file in HF layout: `decode(raw uint8 rows [r, row_bytes]) -> float rows [r, ...]`.
+
+    `row_order[i]` is the row of the HF tensor that stored row `i` holds (GGUF q/k projections store the rows of
+    each head interleaved); None when they are in order.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    path: str
+    offset: int
+    nbytes: int
+    decode: Callable[[np.ndarray], np.ndarray]
+    row_order: np.ndarray | None = None
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0] if self.shape else 1
+
+    def slabs(self, slab_bytes: int = SLAB_BYTES) -> Iterator[tuple[int, np.ndarray]]:
+        """`(first_row, float rows)` covering the tensor in order, each about `slab_bytes` as float32."""
+        row_bytes = self.nbytes // self.rows
+        row_elems = math.prod(self.shape[1:])
+        step = max(1, slab_bytes // max(1, 4 * row_elems))
+        with open(self.path, "rb") as f:
+            for r0 in range(0, self.rows, step):
+                n = min(step, self.rows - r0)
+                raw = np.empty((n, row_bytes), np.uint8)
+                f.seek(self.offset + r0 * row_bytes)
+                if f.readinto(raw) != raw.nbytes:
+                    raise ValueError(f"{self.path}: tensor '{self.name}' ends past the end of the file "
+                                     "(truncated or corrupt)")
+                rows = self.decode(raw)
+                yield r0, rows.reshape((n, *self.shape[1:])) if self.shape else rows.reshape(())
+
+    def array(self) -> np.ndarray:
+        """The whole tensor as a float array in HF layout (row order restored)."""
+        out = None
+        for r0, rows in self.slabs():
+            if out is None:
+                out = np.empty(self.shape, rows.dtype)
+            if not self.shape:
+                return rows.copy()
+            out[self._dest(r0, len(rows))] = rows
+        return out
+
+    def _dest(self, r0: int, n: int):
+        return slice(r0, r0 + n) if self.row_order is None else self.row_order[r0:r0 + n]
+
+    def copy_into(self, dst: np.ndarray) -> None:
+        """Write the tensor into `dst` (HF layout, any strides and float dtype), one slab at a time."""
+        if not self.shape:
+            dst[...] = next(self.slabs())[1]
+            return
+        for r0, rows in self.slabs():
+            dst[self._dest(r0, len(rows))] = rows
+
+
+def _corrupt(path: str, why: str) -> ValueError:
+    return ValueError(f"{path}: unreadable safetensors file (truncated or corrupt: {why})")
+
+
+def safetensors_tensors(path: str) -> list[StoredTensor]:
+    """The tensors of one `.safetensors` file, from its header; checks every tensor lies inside the file."""
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"{path}: shard listed in the index is missing")
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise _corrupt(path, "no header")
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            raise _corrupt(path, f"header of {n} bytes in a file of {size}")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise _corrupt(path, f"header is not JSON: {e}") from None
+    base = 8 + n
+    out = []
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+            shape = tuple(int(d) for d in info["shape"])
+            start, end = (int(x) for x in info["data_offsets"])
+        except KeyError as e:
+            if e.args and e.args[0] == info.get("dtype"):
+                raise ValueError(f"{path}: tensor '{name}' has dtype {info['dtype']}; jaxft reads floating "
+                                 f"weights ({', '.join(_ST_DTYPES)})") from None
+            raise _corrupt(path, f"header entry '{name}' lacks {e}") from None
+        if end - start != math.prod(shape) * dtype.itemsize:
+            raise _corrupt(path, f"tensor '{name}' spans {end - start} bytes for shape {shape} {info['dtype']}")
+        if base + end > size:
+            raise _corrupt(path, f"tensor '{name}' ends at byte {base + end} of a {size}-byte file")
+        decode = (lambda raw, dt=dtype.newbyteorder("<"): raw.view(dt))
+        out.append(StoredTensor(name, shape, path, base + start, end - start, decode))
+    return out
