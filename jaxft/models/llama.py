@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from jaxft.models.config import LlamaConfig
 from jaxft.models.params import ParamSpec, layer_specs
+from jaxft.ops.activations import swiglu
 from jaxft.ops.attention import attention, attention_mask, blocked_causal_attention, causal_block_size
 from jaxft.ops.linear import linear
 from jaxft.ops.norms import rms_norm
@@ -120,7 +121,7 @@ class MLP(nn.Module):
         specs = layer_specs(c)["mlp"]
         gate = Linear(specs["gate_proj"], c.initializer_range, name="gate_proj")(x)
         up = Linear(specs["up_proj"], c.initializer_range, name="up_proj")(x)
-        return Linear(specs["down_proj"], c.initializer_range, name="down_proj")(jax.nn.silu(gate) * up)
+        return Linear(specs["down_proj"], c.initializer_range, name="down_proj")(swiglu(gate, up))
 
 
 class DecoderLayer(nn.Module):

@@ -55,7 +55,9 @@ def _lora_product_bwd(res, g):
     g_b = jnp.einsum("...o,ro->...r", g, b)  # g b^T, [..., r]
     g_xa = scale * g_b
     grad_x = jnp.einsum("...r,ir->...i", g_xa, a)
-    grad_a = jnp.einsum("...i,...r->ir", x, g_xa)
+    # Both weight gradients contract the tokens with the small [..., r] factor on the left, so the big operand is
+    # read in its stored layout (with x^T as the left operand XLA:CPU wrote a transposed copy of x per layer).
+    grad_a = jnp.einsum("...r,...i->ri", g_xa, x).T
     grad_b = scale * jnp.einsum("...r,...o->ro", xa, g)
     grad_scale = jnp.sum(xa * g_b).astype(scale.dtype)  # d/ds of sum(g * s (xa) b) = sum(xa * (g b^T))
     return grad_x, grad_a, grad_b, grad_scale
