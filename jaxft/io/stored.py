@@ -63,14 +63,9 @@ class StoredTensor:
                 yield r0, rows.reshape((n, *self.shape[1:])) if self.shape else rows.reshape(())
 
     def array(self) -> np.ndarray:
-        """The whole tensor as a float array in HF layout (row order restored)."""
-        out = None
-        for r0, rows in self.slabs():
-            if out is None:
-                out = np.empty(self.shape, rows.dtype)
-            if not self.shape:
-                return rows.copy()
-            out[self._dest(r0, len(rows))] = rows
+        """The whole tensor as a float32 array in HF layout (row order restored)."""
+        out = np.empty(self.shape, np.float32)
+        self.copy_into(out)
         return out
 
     def _dest(self, r0: int, n: int):
