@@ -41,10 +41,18 @@ def rope_tables(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, j
 
 
 def apply_rope(x_bthd: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
-    """Rotate `x[B, T, H, hd]` by the tables `cos, sin[B, T, hd]` (transformers' rotate-half layout)."""
-    half = x_bthd.shape[-1] // 2
-    x1, x2 = x_bthd[..., :half], x_bthd[..., half:]
-    rotated = jnp.concatenate([-x2, x1], axis=-1)
-    cos = cos[:, :, None, :].astype(x_bthd.dtype)
-    sin = sin[:, :, None, :].astype(x_bthd.dtype)
-    return x_bthd * cos + rotated * sin
+    """Rotate `x[B, T, H, hd]` by the tables `cos, sin[B, T, hd]` (transformers' rotate-half layout).
+
+    Written as `x * cos + flip(x) * (+-sin)` over the two halves (`x` viewed as `[..., 2, hd / 2]`) instead of
+    transformers' slice-and-concatenate `rotate_half`: the same products and sums, so the same float32 numbers,
+    but XLA fuses it and its transpose into single elementwise passes, where the concatenate's transpose
+    (slices and pads) was not. 8% of a SmolLM2 LoRA step on a 2-core CPU went to the concatenate form.
+    """
+    b, t, h, d = x_bthd.shape
+    half = d // 2
+    pairs = x_bthd.reshape(b, t, h, 2, half)
+    cos_h = cos[:, :, None, None, :half].astype(x_bthd.dtype)  # the tables repeat their first half
+    sin_h = sin[:, :, None, None, :half].astype(x_bthd.dtype)
+    sign = jnp.array([[-1.0], [1.0]], x_bthd.dtype)  # rotate_half: (x1, x2) -> (-x2, x1)
+    out = pairs * cos_h + jnp.flip(pairs, axis=-2) * (sin_h * sign)
+    return out.reshape(b, t, h, d)

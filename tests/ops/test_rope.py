@@ -1,0 +1,41 @@
+"""RoPE against transformers' `apply_rotary_pos_emb` and its torch autograd: values and gradients (fp32, 1e-6
+relative), on positions that restart mid-row (packing) and with llama3 frequency scaling."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+from jaxft.models.config import LlamaConfig, RopeScaling
+from jaxft.ops.rope import apply_rope, rope_tables
+
+
+@pytest.mark.parametrize("scaling", [RopeScaling(), RopeScaling("llama3", factor=8.0, low_freq_factor=1.0,
+                                                                high_freq_factor=4.0,
+                                                                original_max_position_embeddings=64)])
+def test_rope_matches_transformers(scaling):
+    config = LlamaConfig(vocab_size=8, hidden_size=96, intermediate_size=8, num_hidden_layers=1, num_attention_heads=3,
+                         num_key_value_heads=1, head_dim=32, rope_theta=10000.0, rope_scaling=scaling)
+    rng = np.random.RandomState(0)
+    b, t = 2, 11
+    positions = np.concatenate([np.arange(6), np.arange(5) + 100])[None].repeat(b, 0).astype(np.int32)
+    q = rng.randn(b, t, 3, 32).astype(np.float32)
+    k = rng.randn(b, t, 1, 32).astype(np.float32)
+    gq, gk = rng.randn(*q.shape).astype(np.float32), rng.randn(*k.shape).astype(np.float32)
+    cos, sin = rope_tables(config, jnp.asarray(positions))
+
+    (oq, ok), vjp = jax.vjp(lambda a, c: (apply_rope(a, cos, sin), apply_rope(c, cos, sin)), jnp.asarray(q),
+                            jnp.asarray(k))
+    dq, dk = vjp((jnp.asarray(gq), jnp.asarray(gk)))
+
+    # transformers works on [B, H, T, hd] with cos/sin [B, T, hd] (unsqueezed at dim 1).
+    tq, tk = (torch.tensor(a.transpose(0, 2, 1, 3).copy(), requires_grad=True) for a in (q, k))
+    rq, rk = apply_rotary_pos_emb(tq, tk, torch.tensor(np.asarray(cos)), torch.tensor(np.asarray(sin)))
+    (rq * torch.tensor(gq.transpose(0, 2, 1, 3))).sum().add((rk * torch.tensor(gk.transpose(0, 2, 1, 3))).sum()) \
+        .backward()
+    pairs = ((oq, rq.detach()), (ok, rk.detach()), (dq, tq.grad), (dk, tk.grad))
+    for ours, ref in pairs:
+        ref = ref.numpy().transpose(0, 2, 1, 3)
+        assert np.max(np.abs(np.asarray(ours) - ref)) <= 1e-6 * np.max(np.abs(ref))
