@@ -26,7 +26,9 @@ def main(argv=None) -> int:
 
     import jaxft
     from jaxft.generate.greedy import greedy_generate
+    from jaxft.runtime import keep_freed_host_memory
 
+    keep_freed_host_memory()
     try:
         t0 = time.perf_counter()
         config, params = jaxft.load_pretrained(args.model)

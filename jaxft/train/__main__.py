@@ -32,8 +32,10 @@ def main(argv=None) -> int:
         if args.check:
             print(f"{args.config}: valid ({cfg.method_type} on {cfg.model.path}, output_dir {cfg.output_dir})")
             return 0
+        from jaxft.runtime import keep_freed_host_memory
         from jaxft.train.loop import run
 
+        keep_freed_host_memory()
         summary = run(cfg)
     except (ConfigError, UnsupportedConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
