@@ -24,11 +24,12 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     args = ap.parse_args(argv)
 
-    import jaxft
-    from jaxft.generate.greedy import greedy_generate
     from jaxft.runtime import keep_freed_host_memory
 
-    keep_freed_host_memory()
+    keep_freed_host_memory()  # before anything starts JAX's threads
+    import jaxft
+    from jaxft.generate.greedy import greedy_generate
+
     try:
         t0 = time.perf_counter()
         config, params = jaxft.load_pretrained(args.model)

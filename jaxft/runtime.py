@@ -7,8 +7,9 @@ and the kernel zeroes them: 704k minor page faults and about 2.4 s of kernel tim
 getrusage. Serving large allocations from the heap and never trimming it keeps those pages mapped, and the next
 step reuses them without a fault.
 
-The price is that the process keeps its peak host memory until it exits, as a caching allocator does. Library
-code never calls this; `python -m jaxft.train` and `python -m jaxft.chat` do, unless `JAXFT_KEEP_HOST_MEMORY=0`.
+It must run before JAX starts its threads (a thread keeps the arena it first used). The price is that the
+process keeps its peak host memory until it exits, as a caching allocator does. Library code never calls this;
+`python -m jaxft.train` and `python -m jaxft.chat` do, first thing, unless `JAXFT_KEEP_HOST_MEMORY=0`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import sys
 
 _M_TRIM_THRESHOLD = -1  # mallopt parameters from glibc's malloc.h
 _M_MMAP_MAX = -4
+_M_ARENA_MAX = -8
 
 
 def keep_freed_host_memory() -> bool:
@@ -34,6 +36,9 @@ def keep_freed_host_memory() -> bool:
     except (OSError, AttributeError):  # musl and other C libraries have no mallopt
         return False
     mallopt.argtypes, mallopt.restype = (ctypes.c_int, ctypes.c_int), ctypes.c_int
-    # M_MMAP_MAX 0: no allocation is served by its own mmap. M_TRIM_THRESHOLD -1: the heap's top is never
+    # M_ARENA_MAX 1: threads started from now on share the main heap. A thread's own arena grows in 64 MiB heaps
+    # and falls back to mmap for anything larger, whatever M_MMAP_MAX says, so XLA's worker threads must not get
+    # one. M_MMAP_MAX 0: no allocation is served by its own mmap. M_TRIM_THRESHOLD -1: the heap's top is never
     # returned to the system (glibc reads -1 as the largest unsigned value).
-    return bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, -1))
+    return all(mallopt(param, value) for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
+                                                          (_M_TRIM_THRESHOLD, -1)))

@@ -22,6 +22,10 @@ def main(argv=None) -> int:
     ap.add_argument("overrides", nargs="*", help="dotted.key=value overrides, values parsed as YAML")
     ap.add_argument("--check", action="store_true", help="validate the config and exit")
     args = ap.parse_args(argv)
+    if not args.check:
+        from jaxft.runtime import keep_freed_host_memory
+
+        keep_freed_host_memory()  # before anything starts JAX's threads
 
     from jaxft.models.config import UnsupportedConfigError
     from jaxft.schema import ConfigError
@@ -32,10 +36,8 @@ def main(argv=None) -> int:
         if args.check:
             print(f"{args.config}: valid ({cfg.method_type} on {cfg.model.path}, output_dir {cfg.output_dir})")
             return 0
-        from jaxft.runtime import keep_freed_host_memory
         from jaxft.train.loop import run
 
-        keep_freed_host_memory()
         summary = run(cfg)
     except (ConfigError, UnsupportedConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
