@@ -21,7 +21,7 @@ import numpy as np
 
 _here = os.path.dirname(os.path.abspath(__file__))
 sys.path[:0] = [_here, os.path.dirname(_here)]
-from common import report, timeit, torch_smollm  # noqa: E402
+from common import report, torch_smollm  # noqa: E402
 
 
 def jax_side(ids: np.ndarray, scan_layers: bool = True):
@@ -85,16 +85,20 @@ def _worker(side: str, keep_memory: bool, ids: np.ndarray, conn) -> None:
         from jaxft.runtime import keep_freed_host_memory
 
         keep_freed_host_memory()
-    if side == "jaxft":
-        run, first_s = jax_side(ids)
-    else:
-        import torch
+    try:
+        if side == "jaxft":
+            run, first_s = jax_side(ids)
+        else:
+            import torch
 
-        torch.set_num_threads(os.cpu_count() or 1)
-        run = torch_side(ids, side == "torch.compile")
-        t0 = time.perf_counter()
-        run()
-        first_s = time.perf_counter() - t0
+            torch.set_num_threads(os.cpu_count() or 1)
+            run = torch_side(ids, side == "torch.compile")
+            t0 = time.perf_counter()
+            run()
+            first_s = time.perf_counter() - t0
+    except Exception as e:  # report, do not hide: torch.compile support varies by platform
+        conn.send(f"{type(e).__name__}: {e}")
+        return
     conn.send(first_s)
     while conn.recv():
         t0 = time.perf_counter()
@@ -115,10 +119,15 @@ def alternate(sides: dict, ids: np.ndarray, repeat: int) -> tuple[dict[str, list
             procs[name] = ctx.Process(target=_worker, args=(side, keep_memory, ids, child), daemon=True)
             procs[name].start()
             first[name] = conns[name].recv()
+            if isinstance(first[name], str):
+                if side == "jaxft" or side == "torch":
+                    raise RuntimeError(f"{name} failed: {first[name]}")
+                print(f"{name} failed, left out: {first[name]}")
+                del conns[name], first[name]
         for conn in conns.values():  # warm-up
             conn.send(True)
             conn.recv()
-        times: dict[str, list[float]] = {name: [] for name in sides}
+        times: dict[str, list[float]] = {name: [] for name in conns}
         for _ in range(repeat):
             for name, conn in conns.items():
                 conn.send(True)
