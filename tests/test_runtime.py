@@ -1,6 +1,7 @@
 """`jaxft.runtime.keep_freed_host_memory`: a large buffer freed and allocated again, by a thread started
 afterwards as XLA's are, costs no page faults."""
 
+import os
 import subprocess
 import sys
 
@@ -33,8 +34,6 @@ def _thp_always() -> bool:
 
 
 def _faults(mode: str, env_off: bool = False) -> tuple[bool, int]:
-    import os
-
     env = dict(os.environ, JAXFT_KEEP_HOST_MEMORY="0" if env_off else "1")
     out = subprocess.run([sys.executable, "-c", _CHILD, mode], capture_output=True, text=True, env=env, check=True)
     applied, faults = out.stdout.split()
