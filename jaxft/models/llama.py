@@ -62,14 +62,26 @@ class Linear(nn.Module):
     spec: dict
     std: float
 
-    @nn.compact
-    def __call__(self, x):
+    def weights(self):
         kspec: ParamSpec = self.spec["kernel"]
         kernel = self.param("kernel", lambda key: kspec.initialize(key, jnp.float32, self.std))
         bias = None
         if "bias" in self.spec:
             bias = self.param("bias", lambda key: self.spec["bias"].initialize(key, jnp.float32, self.std))
-        return linear(x, kernel, bias)
+        return kernel, bias
+
+    @nn.compact
+    def __call__(self, x):
+        return linear(x, *self.weights())
+
+
+class SwigluLinear(Linear):
+    """`Linear` applied to `swiglu(gate, up)`, the MLP's down projection. Under `nn.remat` the activation is
+    recomputed in the backward pass from `gate` and `up`, which are kept anyway."""
+
+    @nn.compact
+    def __call__(self, gate, up):
+        return linear(swiglu(gate, up), *self.weights())
 
 
 class RMSNorm(nn.Module):
@@ -121,7 +133,10 @@ class MLP(nn.Module):
         specs = layer_specs(c)["mlp"]
         gate = Linear(specs["gate_proj"], c.initializer_range, name="gate_proj")(x)
         up = Linear(specs["up_proj"], c.initializer_range, name="up_proj")(x)
-        return Linear(specs["down_proj"], c.initializer_range, name="down_proj")(swiglu(gate, up))
+        # The backward pass recomputes swiglu(gate, up) rather than keep a third [tokens, intermediate] array;
+        # products stay saved (DoRA needs x @ W).
+        down = nn.remat(SwigluLinear, prevent_cse=False, policy=jax.checkpoint_policies.checkpoint_dots)
+        return down(specs["down_proj"], c.initializer_range, name="down_proj")(gate, up)
 
 
 class DecoderLayer(nn.Module):

@@ -138,14 +138,16 @@ _blocked = jax.custom_vjp(_blocked_fwd_impl_out, nondiff_argnums=(4,))
 
 def _blocked_fwd(q_bthd, k_bskd, v_bskd, mask_bts, block):
     out, stats = _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, block)
-    return out, (q_bthd, k_bskd, v_bskd, mask_bts, out, stats)
+    return out, (q_bthd, k_bskd, v_bskd, mask_bts, stats)
 
 
 def _blocked_bwd(block, res, d_out):
-    """Per query block: p = softmax (recomputed), dv += p^T do, ds = p (do v^T - rowsum(do o)), dq = ds k,
-    dk += ds^T q. The key/value gradients are accumulated transposed, `[B, K, hd, S]`, so every product is a
-    plain [M, K] @ [K, N] (see `_materialized`)."""
-    q_bthd, k_bskd, v_bskd, mask_bts, out, stats = res
+    """Per query block: p = softmax (recomputed), dp = do v^T, dv += p^T do, ds = p (dp - rowsum(p dp)), dq = ds k,
+    dk += ds^T q. rowsum(p dp) equals FlashAttention's rowsum(do o) (o = p v) without keeping the output o for the
+    backward pass: the o projection keeps its input already, and under a scan over layers each kept array is a
+    `[layers, B, T, H, hd]` stack written and read every step. The key/value gradients are accumulated
+    transposed, `[B, K, hd, S]`, so every product is a plain [M, K] @ [K, N] (see `_materialized`)."""
+    q_bthd, k_bskd, v_bskd, mask_bts, stats = res
     b, t, h, hd = q_bthd.shape
     kh = k_bskd.shape[2]
     g = h // kh
@@ -162,12 +164,11 @@ def _blocked_bwd(block, res, d_out):
         q = _heads_major(q_bthd, kh, lo, hi)  # [B, K, R, hd], R = G * block
         do = _heads_major(d_out, kh, lo, hi)
         q_t, do_t = _materialized((q.swapaxes(-1, -2), do.swapaxes(-1, -2)))  # [B, K, hd, R]
-        o = _heads_major(out, kh, lo, hi)
         s = _block_scores(q, k_t, mask_bts, lo, hi, g, scale).reshape(b, kh, g * block, hi)
         row_max, inv_sum = stats[i]
         p = jnp.exp(s - row_max) * inv_sum  # softmax, [B, K, R, hi]
-        delta = jnp.sum(do.astype(jnp.float32) * o.astype(jnp.float32), axis=-1, keepdims=True)
         dp = jnp.matmul(do, v_t[..., :hi], preferred_element_type=jnp.float32)
+        delta = jnp.sum(p * dp, axis=-1, keepdims=True)
         # Masked scores are constants: no gradient (matters only for fully masked rows, where p is uniform).
         keep = jnp.broadcast_to(mask_bts[:, None, None, lo:hi, :hi], (b, kh, g, block, hi)).reshape(s.shape)
         ds = jnp.where(keep, p * (dp - delta) * scale, 0.0).astype(cdt)
