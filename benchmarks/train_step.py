@@ -152,7 +152,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--repeat", type=int, default=5, help="steps timed per side, taking turns")
+    ap.add_argument("--repeat", type=int, default=7, help="steps timed per side, taking turns")
     ap.add_argument("--compile", action="store_true", help="also time torch.compile")
     ap.add_argument("--no-record", action="store_true")
     ap.add_argument("--jax-only", action="store_true", help="time jaxft alone (no record)")
