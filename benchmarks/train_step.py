@@ -179,7 +179,8 @@ def main(argv=None):
               f"{args.repeat} steps per side taking turns; jaxft first step (compile) {first[JAX]:.1f} s. "
               f"jaxft runs as `python -m jaxft.train` does, with freed host memory kept mapped "
               f"(`jaxft.runtime.keep_freed_host_memory`); the torch row with the same setting shows what it "
-              f"gives torch. Ratio per round vs eager {per_round[0]:.2f}-{per_round[-1]:.2f}x; "
+              f"gives torch. Ratio per round vs eager {per_round[0]:.2f}-{per_round[-1]:.2f}x, median "
+              f"{float(np.median(per_round)):.2f}x; "
               f"vs eager with freed memory kept mapped {med[EAGER_KEPT] / med[JAX]:.2f}x.", "",
               f"**ratio jaxft / transformers+peft eager (medians): {ratio:.2f}x** (goal >= 1.2x)"]
     report("train_step", lines, ratio, record_it=not args.no_record)
