@@ -15,7 +15,7 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
 
     A custom VJP that keeps only `x` and the `[..., 1]` inverse RMS for the backward pass (autodiff also keeps the
     normalised `x` and the broadcast weight: under a scan over layers each kept array is a `[layers, tokens, D]`
-    stack written and read every step)."""
+    stack written and read every step). Reverse mode only (no `jax.jvp` through it)."""
     return _rms_norm_fwd(x, weight, eps)[0]
 
 
