@@ -84,6 +84,11 @@ class SwigluLinear(Linear):
         return linear(swiglu(gate, up), *self.weights())
 
 
+# The backward pass recomputes swiglu(gate, up) rather than keep a third [tokens, intermediate] array; products
+# stay saved (DoRA needs x @ W).
+_RematSwigluLinear = nn.remat(SwigluLinear, prevent_cse=False, policy=jax.checkpoint_policies.checkpoint_dots)
+
+
 class RMSNorm(nn.Module):
     dim: int
     eps: float
@@ -133,10 +138,7 @@ class MLP(nn.Module):
         specs = layer_specs(c)["mlp"]
         gate = Linear(specs["gate_proj"], c.initializer_range, name="gate_proj")(x)
         up = Linear(specs["up_proj"], c.initializer_range, name="up_proj")(x)
-        # The backward pass recomputes swiglu(gate, up) rather than keep a third [tokens, intermediate] array;
-        # products stay saved (DoRA needs x @ W).
-        down = nn.remat(SwigluLinear, prevent_cse=False, policy=jax.checkpoint_policies.checkpoint_dots)
-        return down(specs["down_proj"], c.initializer_range, name="down_proj")(gate, up)
+        return _RematSwigluLinear(specs["down_proj"], c.initializer_range, name="down_proj")(gate, up)
 
 
 class DecoderLayer(nn.Module):

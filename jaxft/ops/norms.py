@@ -19,14 +19,10 @@ def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
     return _rms_norm_fwd(x, weight, eps)[0]
 
 
-def _inv_rms(x: jax.Array, eps: float) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    return jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
-
-
 def _rms_norm_fwd(x, weight, eps):
-    inv = _inv_rms(x, eps)
-    normed = (x.astype(jnp.float32) * inv).astype(x.dtype)
+    x32 = x.astype(jnp.float32)
+    inv = jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + eps)
+    normed = (x32 * inv).astype(x.dtype)
     return weight.astype(x.dtype) * normed, (x, weight, inv)
 
 
