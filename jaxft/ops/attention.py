@@ -179,6 +179,7 @@ def _blocked_bwd(block, res, d_out):
     dq = jnp.concatenate(dqs, axis=1)
     dk = dk_t.transpose(0, 3, 1, 2).astype(k_bskd.dtype)
     dv = dv_t.transpose(0, 3, 1, 2).astype(v_bskd.dtype)
+    dq, dk, dv = _materialized((dq, dk, dv))
     return dq, dk, dv, None
 
 
