@@ -21,7 +21,7 @@ from jaxft.models.config import LlamaConfig
 from jaxft.models.params import ParamSpec, layer_specs
 from jaxft.ops.activations import swiglu
 from jaxft.ops.attention import attention, attention_mask, blocked_causal_attention, causal_block_size
-from jaxft.ops.linear import linear
+from jaxft.ops.linear import Weight, linear
 from jaxft.ops.norms import rms_norm
 from jaxft.ops.rope import apply_rope, rope_tables
 
@@ -174,6 +174,15 @@ def head_weight(config: LlamaConfig, params: dict) -> Any:
     if config.tie_word_embeddings:
         return params["model"]["embed_tokens"]["weight"].T
     return params["lm_head"]["kernel"]
+
+
+def loss_head(config: LlamaConfig, params: dict) -> tuple[Any, bool]:
+    """`(weight, transposed)` for `jaxft.ops.loss`: a tied plain embedding table as stored, `[V, D]` with
+    `transposed=True` (the loss contracts it in place instead of copying its transpose), else `head_weight`."""
+    table = params["model"]["embed_tokens"]["weight"]
+    if config.tie_word_embeddings and not isinstance(table, Weight):
+        return table, True
+    return head_weight(config, params), False
 
 
 def segment_positions(segment_ids: jax.Array) -> jax.Array:

@@ -37,19 +37,23 @@ def cross_entropy_sum(
     *,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     logits_dtype: Any = jnp.float32,
+    transposed: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Sum of next-token cross-entropies over masked tokens, computed chunk by chunk.
 
     Args:
       hidden: `[N, D]` final hidden states (after the final norm), compute dtype (bf16 or fp32).
-      head_w: the lm_head weight `[D, V]`: a plain array or a composite `Weight`. For tied embeddings pass
-        `embed.T` (XLA folds the transpose into the matmul).
+      head_w: the lm_head weight `[D, V]`: a plain array or a composite `Weight`; with `transposed`, a plain
+        `[V, D]` array whose transpose is the head (tied embeddings: pass the embedding table itself).
       targets: `[N]` int target ids; entries where `mask` is 0 are ignored (may be -100). Unmasked targets must lie
         in `[0, V)`: an out-of-range target silently counts as `lse` (no error can be raised under jit).
       mask: `[N]` bool or float weights; a float mask weights each token's loss.
       chunk_size: tokens per chunk; the peak extra memory is about `3 * chunk_size * V * 4` bytes.
       logits_dtype: dtype the logits matmul produces (fp32 accumulate); the log-sum-exp is always fp32. A
         composite weight computes its product in `hidden.dtype` and the result is cast.
+      transposed: `head_w` is `[V, D]`. The chunk loop then contracts the table as it is stored. Passing `embed.T`
+        gives the same numbers, but XLA writes the transposed copy (113 MB for SmolLM2) before the loop on
+        every call: a transpose outside a loop is not folded into the matmuls inside it.
 
     Returns:
       `(loss_sum, n_tokens)`: fp32 scalars, `sum(mask * (lse - logit[target]))` and `sum(mask)`. No gradient
@@ -60,10 +64,15 @@ def cross_entropy_sum(
             f"cross_entropy_sum: expected hidden [N, D], targets [N], mask [N]; got {hidden.shape}, "
             f"{targets.shape}, {mask.shape}; flatten batch and time first"
         )
-    if tuple(head_w.shape[-2:-1]) != hidden.shape[1:] or len(head_w.shape) != 2:
+    if transposed and isinstance(head_w, Weight):
+        raise ValueError("cross_entropy_sum: transposed=True takes a plain [V, D] array; pass a composite head "
+                         "weight as [D, V] with transposed=False")
+    d_axis = 1 if transposed else 0
+    if len(head_w.shape) != 2 or head_w.shape[d_axis] != hidden.shape[1]:
+        want = "[V, D]" if transposed else "[D, V]"
         raise ValueError(
-            f"cross_entropy_sum: head weight must be [D, V] with D={hidden.shape[1]}, got {tuple(head_w.shape)}; "
-            "for tied embeddings pass embed.T"
+            f"cross_entropy_sum: head weight must be {want} with D={hidden.shape[1]}, got {tuple(head_w.shape)}; "
+            "for tied embeddings pass the [V, D] table with transposed=True"
         )
     if chunk_size < 1:
         raise ValueError(f"cross_entropy_sum: chunk_size must be >= 1, got {chunk_size}")
@@ -78,7 +87,7 @@ def cross_entropy_sum(
     if isinstance(head_w, Weight):
         loss = _loss_autodiff(h_kcd, head_w, t_kc, m_kc, jnp.dtype(logits_dtype))
     else:
-        loss = _loss_dense(h_kcd, head_w, t_kc, m_kc, jnp.dtype(logits_dtype))
+        loss = _loss_dense(h_kcd, head_w, t_kc, m_kc, jnp.dtype(logits_dtype), transposed)
     return loss, n_tokens
 
 
@@ -94,11 +103,12 @@ def causal_lm_loss(
 
     Args:
       hidden: `[B, T, D]` final hidden states.
-      head_w: lm_head weight `[D, V]` (plain or composite; `embed.T` when tied).
+      head_w: lm_head weight `[D, V]` (plain or composite), or the `[V, D]` embedding table with
+        `transposed=True` (tied embeddings).
       input_ids: `[B, T]` token ids.
       loss_mask: `[B, T]` bool/float, true on tokens that are trained on as TARGETS (e.g. assistant tokens).
       segment_ids: `[B, T]` packed-sequence ids, 0 for padding; None means one sequence per row.
-      **kwargs: `chunk_size`, `logits_dtype` for `cross_entropy_sum`.
+      **kwargs: `chunk_size`, `logits_dtype`, `transposed` for `cross_entropy_sum`.
 
     Returns:
       `(loss_sum, n_tokens)` fp32: a pair (t, t+1) counts where `loss_mask[:, t+1]` and
@@ -152,54 +162,59 @@ def _chunk_forward(logits_cv: jax.Array, t_c: jax.Array, m_c: jax.Array, *, gath
     return jnp.sum((lse_c - target_c) * m_c), exp_cv, sum_c1, onehot_cv
 
 
-def _logits(h_cd: jax.Array, w_dv: jax.Array, logits_dtype) -> jax.Array:
+def _logits(h_cd: jax.Array, w: jax.Array, logits_dtype, transposed: bool) -> jax.Array:
     # The plain-array case of `linear`, with an fp32 (logits_dtype) output instead of one rounded to hidden.dtype.
-    return jnp.einsum("cd,dv->cv", h_cd, w_dv.astype(h_cd.dtype), preferred_element_type=logits_dtype)
+    return jnp.einsum("cd,vd->cv" if transposed else "cd,dv->cv", h_cd, w.astype(h_cd.dtype),
+                      preferred_element_type=logits_dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _loss_dense(h_kcd, w_dv, t_kc, m_kc, logits_dtype):
-    """Loss only (no gradient requested): a scan over chunks. `h_kcd[K, C, D]`, `t_kc`, `m_kc[K, C]`."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _loss_dense(h_kcd, w, t_kc, m_kc, logits_dtype, transposed):
+    """Loss only (no gradient requested): a scan over chunks. `h_kcd[K, C, D]`, `t_kc`, `m_kc[K, C]`; `w` is
+    `[D, V]`, or `[V, D]` when `transposed`."""
 
     def body(total, xs):
         h_cd, t_c, m_c = xs
-        return total + _chunk_forward(_logits(h_cd, w_dv, logits_dtype), t_c, m_c, gather=True)[0], None
+        return total + _chunk_forward(_logits(h_cd, w, logits_dtype, transposed), t_c, m_c, gather=True)[0], None
 
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), (h_kcd, t_kc, m_kc))[0]
 
 
-def _loss_dense_fwd(h_kcd, w_dv, t_kc, m_kc, logits_dtype):
-    """Loss plus d loss / d hidden `[K, C, D]` and d loss / d W `[D, V]` (each only if its input is perturbed)."""
-    want_dh, want_dw = h_kcd.perturbed, w_dv.perturbed
-    h_kcd, w_dv, t_kc, m_kc = h_kcd.value, w_dv.value, t_kc.value, m_kc.value
+def _loss_dense_fwd(h_kcd, w, t_kc, m_kc, logits_dtype, transposed):
+    """Loss plus d loss / d hidden `[K, C, D]` and d loss / d W (each only if its input is perturbed)."""
+    want_dh, want_dw = h_kcd.perturbed, w.perturbed
+    h_kcd, w, t_kc, m_kc = h_kcd.value, w.value, t_kc.value, m_kc.value
     cdt = h_kcd.dtype
-    w_cdt = w_dv.astype(cdt)
+    w_cdt = w.astype(cdt)
 
     def body(dw_dv, xs):
         h_cd, h_dc, t_c, m_c = xs
-        loss, exp_cv, sum_c1, onehot_cv = _chunk_forward(_logits(h_cd, w_dv, logits_dtype), t_c, m_c, gather=True)
+        loss, exp_cv, sum_c1, onehot_cv = _chunk_forward(_logits(h_cd, w, logits_dtype, transposed), t_c, m_c,
+                                                         gather=True)
         # d loss / d logits = mask * (softmax - onehot); rounded to the compute dtype for the two matmuls, as
         # autodiff of a bf16 matmul would.
         g_cv = (exp_cv * (m_c[:, None] / sum_c1) - jnp.where(onehot_cv, m_c[:, None], 0.0)).astype(cdt)
         dh_cd = None
         if want_dh:
-            dh_cd = jnp.einsum("cv,dv->cd", g_cv, w_cdt, preferred_element_type=jnp.float32).astype(cdt)
+            dh_cd = jnp.einsum("cv,vd->cd" if transposed else "cv,dv->cd", g_cv, w_cdt,
+                               preferred_element_type=jnp.float32).astype(cdt)
         if want_dw:
             dw_dv = dw_dv + jnp.einsum("dc,cv->dv", h_dc, g_cv, preferred_element_type=jnp.float32)
         return dw_dv, (loss, dh_cd)
 
-    dw0 = jnp.zeros(w_dv.shape, jnp.float32) if want_dw else None
+    d, v = w.shape[::-1] if transposed else w.shape
+    dw0 = jnp.zeros((d, v), jnp.float32) if want_dw else None
     # h is handed to the loop also transposed, [K, D, C]: XLA:CPU's dot is ~1.5x slower when it contracts the
     # leading axis of both operands (h.T @ G) than on a plain [D, C] @ [C, V] (measured on this CPU).
     h_kdc = jnp.swapaxes(h_kcd, 1, 2)
     dw_dv, (loss_k, dh_kcd) = jax.lax.scan(body, dw0, (h_kcd, h_kdc, t_kc, m_kc))
     if want_dw:
-        dw_dv = dw_dv.astype(w_dv.dtype)
+        dw_dv = (dw_dv.T if transposed else dw_dv).astype(w.dtype)
     return jnp.sum(loss_k), (dh_kcd, dw_dv)
 
 
-def _loss_dense_bwd(logits_dtype, res, ct):
-    del logits_dtype
+def _loss_dense_bwd(logits_dtype, transposed, res, ct):
+    del logits_dtype, transposed
     dh_kcd, dw_dv = res
     if isinstance(ct, SymbolicZero):
         return None, None, None, None

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import optax
 
 from jaxft.models.config import LlamaConfig
-from jaxft.models.llama import ModelOptions, head_weight, hidden_states
+from jaxft.models.llama import ModelOptions, hidden_states, loss_head
 from jaxft.ops.loss import causal_lm_loss
 
 
@@ -65,8 +65,8 @@ def loss_sum(model: Model, trainable: Any, frozen: Any, batch: dict, *, train: b
              rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """`(sum of token losses, number of loss tokens)` of one micro-batch, both float32."""
     h, params = final_hidden(model, trainable, frozen, batch, train=train, rng=rng)
-    return causal_lm_loss(h, head_weight(model.config, params), batch["input_ids"], batch["loss_mask"],
-                          batch["segment_ids"])
+    head, transposed = loss_head(model.config, params)
+    return causal_lm_loss(h, head, batch["input_ids"], batch["loss_mask"], batch["segment_ids"], transposed=transposed)
 
 
 def make_train_step(model: Model, optimizer: optax.GradientTransformation):

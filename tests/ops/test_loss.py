@@ -157,13 +157,40 @@ def test_composite_head_autodiff_path():
     _close(ghead.b, tb.grad.numpy(), 1e-5)
 
 
-def test_tied_embedding_gradient():
-    """Tied embeddings pass embed.T; the gradient reaches the [V, D] embedding."""
+@pytest.mark.parametrize("transposed", [False, True])
+def test_tied_embedding_gradient(transposed):
+    """A tied head as `embed.T`, or as the `[V, D]` table itself with `transposed=True`: same loss and gradients
+    as torch, and the gradient reaches the embedding."""
     h, w, t, mask = _data(seed=6)
     embed = np.ascontiguousarray(w.T)
-    _, _, ref_gw = _torch_ref(h, w, t)
-    f = lambda e: cross_entropy_sum(h, e.T, jnp.asarray(t), jnp.asarray(mask), chunk_size=8)[0]  # noqa: E731
-    _close(jax.jit(jax.grad(f))(embed), ref_gw.T, 1e-5)
+    ref_loss, ref_gh, ref_gw = _torch_ref(h, w, t)
+
+    def f(h, e):
+        head = e if transposed else e.T
+        return cross_entropy_sum(h, head, jnp.asarray(t), jnp.asarray(mask), chunk_size=8,
+                                 transposed=transposed)[0]
+
+    loss, (gh, ge) = jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(h, embed)
+    _close(loss, ref_loss, 1e-5)
+    _close(gh, ref_gh, 1e-5)
+    _close(ge, ref_gw.T, 1e-5)
+
+
+def test_transposed_table_is_not_copied():
+    """With `transposed=True` the loop contracts the stored `[V, D]` table: the compiled step needs less scratch
+    than one copy of it, while `embed.T` from outside the loop costs a full transposed copy."""
+    n, d, v = 64, 512, 4096
+    hs, es = jax.ShapeDtypeStruct((n, d), jnp.float32), jax.ShapeDtypeStruct((v, d), jnp.float32)
+    t, m = jax.ShapeDtypeStruct((n,), jnp.int32), jax.ShapeDtypeStruct((n,), jnp.bool_)
+    table = v * d * 4
+
+    def scratch(transposed):
+        def f(h, e, t, m):
+            return cross_entropy_sum(h, e if transposed else e.T, t, m, chunk_size=16, transposed=transposed)[0]
+        return jax.jit(jax.grad(f)).lower(hs, es, t, m).compile().memory_analysis().temp_size_in_bytes
+
+    assert scratch(True) < table / 2, (scratch(True), table)
+    assert scratch(False) >= table, (scratch(False), table)
 
 
 def test_causal_lm_loss_packed_against_per_segment_torch():
@@ -218,8 +245,10 @@ def test_chunking_bounds_memory(composite):
 
 def test_shape_errors_are_one_line():
     h, w, t, mask = _data()
-    with pytest.raises(ValueError, match="embed.T"):
+    with pytest.raises(ValueError, match="transposed=True"):
         cross_entropy_sum(h, w.T, jnp.asarray(t), jnp.asarray(mask))
+    with pytest.raises(ValueError, match=r"must be \[V, D\]"):
+        cross_entropy_sum(h, w, jnp.asarray(t), jnp.asarray(mask), transposed=True)
     with pytest.raises(ValueError, match=r"flatten batch"):
         cross_entropy_sum(h[None], w, jnp.asarray(t), jnp.asarray(mask))
     with pytest.raises(ValueError, match="loss_mask"):
