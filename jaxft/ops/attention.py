@@ -146,7 +146,12 @@ def _blocked_bwd(block, res, d_out):
     dk += ds^T q. rowsum(p dp) equals FlashAttention's rowsum(do o) (o = p v) without keeping the output o for the
     backward pass: the o projection keeps its input already, and under a scan over layers each kept array is a
     `[layers, B, T, H, hd]` stack written and read every step. The key/value gradients are accumulated
-    transposed, `[B, K, hd, S]`, so every product is a plain [M, K] @ [K, N] (see `_materialized`)."""
+    transposed, `[B, K, hd, S]`, so every product is a plain [M, K] @ [K, N] (see `_materialized`).
+
+    Each block's dk, dv are added in place into their first `hi` columns and each block's dq written into its
+    rows: summing zero-padded blocks (or concatenating them) let XLA fuse all eight blocks into the RoPE backward
+    that reads the result, a loop that gathered eight strided inputs per element (5.6 ms per layer for a
+    `[2048, 192]` output in the full SmolLM2 step, against about 2 ms for the in-place updates)."""
     q_bthd, k_bskd, v_bskd, mask_bts, stats = res
     b, t, h, hd = q_bthd.shape
     kh = k_bskd.shape[2]
@@ -158,7 +163,7 @@ def _blocked_bwd(block, res, d_out):
     scale = jnp.float32(hd ** -0.5)
     dk_t = jnp.zeros((b, kh, hd, t), jnp.float32)
     dv_t = jnp.zeros((b, kh, hd, t), jnp.float32)
-    dqs = []
+    dq = jnp.zeros(q_bthd.shape, cdt)
     for i in range(t // block):
         lo, hi = i * block, (i + 1) * block
         q = _heads_major(q_bthd, kh, lo, hi)  # [B, K, R, hd], R = G * block
@@ -172,14 +177,12 @@ def _blocked_bwd(block, res, d_out):
         # Masked scores are constants: no gradient (matters only for fully masked rows, where p is uniform).
         keep = jnp.broadcast_to(mask_bts[:, None, None, lo:hi, :hi], (b, kh, g, block, hi)).reshape(s.shape)
         ds = jnp.where(keep, p * (dp - delta) * scale, 0.0).astype(cdt)
-        dqs.append(_tokens_major(jnp.matmul(ds, k[:, :, :hi], preferred_element_type=jnp.float32).astype(cdt), h))
-        pad = ((0, 0), (0, 0), (0, 0), (0, t - hi))
-        dk_t = dk_t + jnp.pad(jnp.matmul(q_t, ds, preferred_element_type=jnp.float32), pad)
-        dv_t = dv_t + jnp.pad(jnp.matmul(do_t, p.astype(cdt), preferred_element_type=jnp.float32), pad)
-    dq = jnp.concatenate(dqs, axis=1)
+        dq = dq.at[:, lo:hi].set(_tokens_major(jnp.matmul(ds, k[:, :, :hi], preferred_element_type=jnp.float32)
+                                               .astype(cdt), h))
+        dk_t = dk_t.at[..., :hi].add(jnp.matmul(q_t, ds, preferred_element_type=jnp.float32))
+        dv_t = dv_t.at[..., :hi].add(jnp.matmul(do_t, p.astype(cdt), preferred_element_type=jnp.float32))
     dk = dk_t.transpose(0, 3, 1, 2).astype(k_bskd.dtype)
     dv = dv_t.transpose(0, 3, 1, 2).astype(v_bskd.dtype)
-    dq, dk, dv = _materialized((dq, dk, dv))
     return dq, dk, dv, None
 
 
