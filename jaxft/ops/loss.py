@@ -5,10 +5,11 @@ micro-batches divides once by the loss-token count of the whole step (not a mean
 
 Two paths, chosen by the type of the head weight:
 
-- plain array `head_w[D, V]`: a `custom_vjp`. Per chunk of tokens it computes the logits, the fp32 log-sum-exp and,
-  when differentiating, the logit gradient `G = mask * (softmax - onehot)` right away, with `dh = G @ W.T` and
-  `dW += h.T @ G`. That is three matmuls per chunk (as autodiff) but one pass of `exp`, no recomputation, and no
-  scatter: the one-hot term is a fused comparison with an iota. Only the gradients asked for are computed
+- plain array `head_w[D, V]` (or a tied head's `[V, D]` embedding table with `transposed=True`): a `custom_vjp`.
+  Per chunk of tokens it computes the logits, the fp32 log-sum-exp and, when differentiating, the logit gradient
+  `G = mask * (softmax - onehot)` right away, with `dh = G @ W.T` and `dW += h.T @ G`. That is three matmuls per
+  chunk (as autodiff) but one pass of `exp`, no recomputation, and no scatter: the one-hot term is a fused
+  comparison with an iota. Only the gradients asked for are computed
   (`symbolic_zeros`: a frozen head, as in LoRA, costs no `dW` matmul). On a 2-core CPU this runs fwd+bwd at
   SmolLM2 sizes ~1.2-1.3x faster than torch's `F.cross_entropy` (benchmarks/loss.py).
 - composite `Weight` (LoRA on the head, ...): plain autodiff through `linear`, with each chunk rematerialised
