@@ -57,7 +57,10 @@ def _lora_product_bwd(res, g):
     grad_x = jnp.einsum("...r,ir->...i", g_xa, a)
     # Both weight gradients contract the tokens with the small [..., r] factor on the left, so the big operand is
     # read in its stored layout (with x^T as the left operand XLA:CPU wrote a transposed copy of x per layer).
-    grad_a = jnp.einsum("...r,...i->ri", g_xa, x).T
+    # The barrier keeps XLA from folding the final transpose into the product: folded, the product contracts x's
+    # leading axis, which YNNPACK does not take, and it fell back to Eigen (whose packing of x alone was 1.9% of
+    # the SmolLM2 LoRA step's CPU time by `perf`).
+    grad_a = jax.lax.optimization_barrier(jnp.einsum("...r,...i->ri", g_xa, x)).T
     grad_b = scale * jnp.einsum("...r,...o->ro", xa, g)
     grad_scale = jnp.sum(xa * g_b).astype(scale.dtype)  # d/ds of sum(g * s (xa) b) = sum(xa * (g b^T))
     return grad_x, grad_a, grad_b, grad_scale
