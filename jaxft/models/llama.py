@@ -122,10 +122,11 @@ class Attention(nn.Module):
             new_kv = (k_all, v_all)
             k, v = k_all.astype(x_btd.dtype), v_all.astype(x_btd.dtype)
         if ctx.get("block") and ctx.get("cache_k") is None and ctx.get("prefix_k") is None:
-            out = blocked_causal_attention(q, k, v, ctx["mask"], ctx["block"])
+            out = blocked_causal_attention(q, k, v, ctx["mask"], ctx["block"], merge_heads=True)
         else:
-            out = attention(q, k, v, ctx["mask"], ctx.get("prefix_k"), ctx.get("prefix_v"), ctx["q_segment_ids"])
-        out = Linear(specs["o_proj"], c.initializer_range, name="o_proj")(out.reshape(b, t, -1))
+            out = attention(q, k, v, ctx["mask"], ctx.get("prefix_k"), ctx.get("prefix_v"),
+                            ctx["q_segment_ids"]).reshape(b, t, -1)
+        out = Linear(specs["o_proj"], c.initializer_range, name="o_proj")(out)
         return out, new_kv
 
 

@@ -56,7 +56,7 @@ def causal_block_size(t: int) -> int | None:
 
 
 def blocked_causal_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array,
-                             block: int) -> jax.Array:
+                             block: int, merge_heads: bool = False) -> jax.Array:
     """`attention` for a row attending to itself (S == T, slot-causal mask), computed block by block.
 
     Query block i reads only keys `[0, (i + 1) * block)`: the blocks above the diagonal are all masked, so skipping
@@ -68,8 +68,12 @@ def blocked_causal_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.A
     and each row's softmax max and sum; the backward pass recomputes each block's probabilities from them.
     Autodiff would keep every block's scores, mask and probabilities (O(T^2) per layer and head) for the backward
     pass; the time is about the same either way on a 2-core CPU (benchmarks/attention.py), the memory is not.
+
+    `merge_heads=True` returns `[B, T, H * hd]`, the array the backward pass keeps. A caller that feeds it to a
+    layer keeping its input (a LoRA o projection) then keeps one array per layer instead of two under a scan.
     """
-    return _blocked(q_bthd, k_bskd, v_bskd, mask_bts, block)
+    out = _blocked(q_bthd, k_bskd, v_bskd, mask_bts, block)
+    return out if merge_heads else out.reshape(q_bthd.shape)
 
 
 def _heads_major(q_bthd: jax.Array, kh: int, lo: int, hi: int) -> jax.Array:
@@ -94,12 +98,18 @@ def _materialized(x: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(x)
 
 
-def _block_scores(q_bkrd, k_bkds, mask_bts, lo, hi, g, scale):
+def _scaled(x: jax.Array, scale: jax.Array) -> jax.Array:
+    """`x * scale` rounded once to x's dtype (a bf16 copy of the scale itself would bias every score)."""
+    return (x.astype(jnp.float32) * scale).astype(x.dtype)
+
+
+def _block_scores(q_bkrd, k_bkds, mask_bts, lo, hi, g):
     """Masked fp32 scores of query rows `[lo, hi)` against keys `[0, hi)`: `[B, K, G, hi - lo, hi]`.
 
-    q[B, K, G * (hi - lo), hd], k transposed `[B, K, hd, S]`."""
+    q[B, K, G * (hi - lo), hd] already multiplied by the softmax scale (a `[rows, hd]` product instead of a
+    `[rows, keys]` one), k transposed `[B, K, hd, S]`."""
     b, kh, _, _ = q_bkrd.shape
-    s = jnp.matmul(q_bkrd, k_bkds[..., :hi], preferred_element_type=jnp.float32) * scale
+    s = jnp.matmul(q_bkrd, k_bkds[..., :hi], preferred_element_type=jnp.float32)
     s = s.reshape(b, kh, g, hi - lo, hi)
     return jnp.where(mask_bts[:, None, None, lo:hi, :hi], s, jnp.finfo(jnp.float32).min)
 
@@ -114,7 +124,7 @@ def _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, block):
     outs, stats = [], []
     for i in range(t // block):
         lo, hi = i * block, (i + 1) * block
-        s = _block_scores(_heads_major(q_bthd, kh, lo, hi), k_t, mask_bts, lo, hi, g, scale)
+        s = _block_scores(_scaled(_heads_major(q_bthd, kh, lo, hi), scale), k_t, mask_bts, lo, hi, g)
         row_max = jnp.max(s, axis=-1, keepdims=True)
         e = jnp.exp(s - row_max)
         row_sum = jnp.sum(e, axis=-1, keepdims=True)  # [B, K, G, n, 1]
@@ -124,11 +134,11 @@ def _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, block):
         outs.append(_tokens_major(o.astype(v.dtype), h))
         # The max and 1/sum, not their log-sum-exp: on a fully masked row max + log(sum) rounds back to max.
         stats.append((row_max.reshape(b, kh, g * block, 1), (1.0 / row_sum).reshape(b, kh, g * block, 1)))
-    return jnp.concatenate(outs, axis=1), stats
+    return jnp.concatenate(outs, axis=1).reshape(b, t, h * hd), stats
 
 
 def _blocked_fwd_impl_out(q_bthd, k_bskd, v_bskd, mask_bts, block):
-    """The blocked forward alone: the primal of `_blocked`; differentiated by plain autodiff in
+    """The blocked forward alone, `[B, T, H * hd]`: the primal of `_blocked`; differentiated by plain autodiff in
     benchmarks/attention.py for comparison."""
     return _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, block)[0]
 
@@ -138,21 +148,22 @@ _blocked = jax.custom_vjp(_blocked_fwd_impl_out, nondiff_argnums=(4,))
 
 def _blocked_fwd(q_bthd, k_bskd, v_bskd, mask_bts, block):
     out, stats = _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, block)
-    return out, (q_bthd, k_bskd, v_bskd, mask_bts, stats)
+    return out, (q_bthd, k_bskd, v_bskd, mask_bts, stats, out)
 
 
 def _blocked_bwd(block, res, d_out):
-    """Per query block: p = softmax (recomputed), dp = do v^T, dv += p^T do, ds = p (dp - rowsum(p dp)), dq = ds k,
-    dk += ds^T q. rowsum(p dp) equals FlashAttention's rowsum(do o) (o = p v) without keeping the output o for the
-    backward pass: the o projection keeps its input already, and under a scan over layers each kept array is a
-    `[layers, B, T, H, hd]` stack written and read every step. The key/value gradients are accumulated
+    """Per query block: p = softmax (recomputed), dp = do v^T, dv += p^T do, ds = p (dp - delta), dq = ds k,
+    dk += ds^T q, with FlashAttention's delta = rowsum(do o) computed once for all rows (o = p v, so it equals
+    rowsum(p dp) at a `[rows, hd]` cost instead of `[rows, keys]`). The output o kept for it is the array the
+    forward pass returns, so under a scan a caller keeping it too (the o projection's LoRA) shares one stack. The
+    softmax scale is applied to q and do (`[rows, hd]`), not to the scores. The key/value gradients are accumulated
     transposed, `[B, K, hd, S]`, so every product is a plain [M, K] @ [K, N] (see `_materialized`).
 
     Each block's dk, dv are added in place into their first `hi` columns and each block's dq written into its
     rows: summing zero-padded blocks (or concatenating them) let XLA fuse all eight blocks into the RoPE backward
     that reads the result, a loop that gathered eight strided inputs per element (5.6 ms per layer for a
     `[2048, 192]` output in the full SmolLM2 step, against about 2 ms for the in-place updates)."""
-    q_bthd, k_bskd, v_bskd, mask_bts, stats = res
+    q_bthd, k_bskd, v_bskd, mask_bts, stats, out_btf = res
     b, t, h, hd = q_bthd.shape
     kh = k_bskd.shape[2]
     g = h // kh
@@ -161,6 +172,10 @@ def _blocked_bwd(block, res, d_out):
     k_t = _materialized(k_bskd.transpose(0, 2, 3, 1))  # [B, K, hd, S]
     v_t = _materialized(v_bskd.transpose(0, 2, 3, 1))
     scale = jnp.float32(hd ** -0.5)
+    d_out = d_out.reshape(q_bthd.shape)
+    # delta, pre-scaled like dp below: [B, T, H].
+    out = out_btf.reshape(q_bthd.shape)
+    delta_bth = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1) * scale
     dk_t = jnp.zeros((b, kh, hd, t), jnp.float32)
     dv_t = jnp.zeros((b, kh, hd, t), jnp.float32)
     dq = jnp.zeros(q_bthd.shape, cdt)
@@ -169,14 +184,15 @@ def _blocked_bwd(block, res, d_out):
         q = _heads_major(q_bthd, kh, lo, hi)  # [B, K, R, hd], R = G * block
         do = _heads_major(d_out, kh, lo, hi)
         q_t, do_t = _materialized((q.swapaxes(-1, -2), do.swapaxes(-1, -2)))  # [B, K, hd, R]
-        s = _block_scores(q, k_t, mask_bts, lo, hi, g, scale).reshape(b, kh, g * block, hi)
+        s = _block_scores(_scaled(q, scale), k_t, mask_bts, lo, hi, g).reshape(b, kh, g * block, hi)
         row_max, inv_sum = stats[i]
         p = jnp.exp(s - row_max) * inv_sum  # softmax, [B, K, R, hi]
-        dp = jnp.matmul(do, v_t[..., :hi], preferred_element_type=jnp.float32)
-        delta = jnp.sum(p * dp, axis=-1, keepdims=True)
-        # Masked scores are constants: no gradient (matters only for fully masked rows, where p is uniform).
+        dp = jnp.matmul(_scaled(do, scale), v_t[..., :hi], preferred_element_type=jnp.float32)
+        delta = _heads_major(delta_bth[..., None], kh, lo, hi)  # [B, K, R, 1]
+        # Masked scores are constants: no gradient (matters only for fully masked rows, where p is uniform). This
+        # select as its own pass measured faster than leaving ds to the fused product (0.98x without it).
         keep = jnp.broadcast_to(mask_bts[:, None, None, lo:hi, :hi], (b, kh, g, block, hi)).reshape(s.shape)
-        ds = jnp.where(keep, p * (dp - delta) * scale, 0.0).astype(cdt)
+        ds = jnp.where(keep, p * (dp - delta), 0.0).astype(cdt)
         dq = dq.at[:, lo:hi].set(_tokens_major(jnp.matmul(ds, k[:, :, :hi], preferred_element_type=jnp.float32)
                                                .astype(cdt), h))
         dk_t = dk_t.at[..., :hi].add(jnp.matmul(q_t, ds, preferred_element_type=jnp.float32))

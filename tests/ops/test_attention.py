@@ -55,10 +55,12 @@ def test_blocked_gradients_match_torch_sdpa():
     ref = torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, attn_mask=torch.tensor(np.asarray(mask))[:, None],
                                                            enable_gqa=True)
     ref.backward(torch.tensor(np.asarray(d_out)).transpose(1, 2))
-    for block in (64, 128):
-        out, vjp = jax.vjp(lambda a, b_, c: blocked_causal_attention(a, b_, c, mask, block), q, kk, v)
-        assert rel_err(out, ref.detach().transpose(1, 2).numpy()) <= 1e-5
-        for got, want in zip(vjp(d_out), (tq, tk, tv)):
+    b, t, h, d = q.shape
+    for block, merge in ((64, False), (128, False), (64, True)):  # merge_heads: [B, T, H * hd] in and out
+        out, vjp = jax.vjp(lambda a, b_, c: blocked_causal_attention(a, b_, c, mask, block, merge), q, kk, v)
+        assert out.shape == ((b, t, h * d) if merge else (b, t, h, d))
+        assert rel_err(out.reshape(b, t, h, d), ref.detach().transpose(1, 2).numpy()) <= 1e-5
+        for got, want in zip(vjp(d_out.reshape(out.shape)), (tq, tk, tv)):
             assert rel_err(got, want.grad.transpose(1, 2).numpy()) <= 1e-5
 
 
