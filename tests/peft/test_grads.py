@@ -99,3 +99,27 @@ def test_lora_product_custom_vjp_matches_autodiff_of_the_formula():
     np.testing.assert_allclose(lora_product(x, a, b, s), plain(x, a, b, s), rtol=1e-6)
     check_grads(lambda *p: jnp.sum(jnp.sin(lora_product(*p))), (x, a, b, s), order=1, modes=("rev",),
                 atol=2e-2, rtol=2e-2)
+
+
+def test_lora_linear_custom_vjp_matches_autodiff_of_the_formula():
+    """`x w + s (x a) b` with the input gradient taken through the merged weight: every gradient (base included)
+    equals JAX's autodiff of the plain einsums, and finite differences."""
+    from jax.test_util import check_grads
+
+    from jaxft.peft.types import lora_linear
+
+    k = jax.random.split(jax.random.key(1), 5)
+    x, w = jax.random.normal(k[0], (2, 5, 12)), jax.random.normal(k[4], (12, 7))
+    a, b = jax.random.normal(k[1], (12, 3)), jax.random.normal(k[2], (3, 7))
+    g, s = jax.random.normal(k[3], (2, 5, 7)), jnp.float32(1.7)
+
+    def plain(x, w, a, b, s):
+        return jnp.einsum("bti,io->bto", x, w) + s * jnp.einsum("btr,ro->bto", jnp.einsum("bti,ir->btr", x, a), b)
+
+    want = jax.vjp(plain, x, w, a, b, s)[1](g)
+    got = jax.vjp(lora_linear, x, w, a, b, s)[1](g)
+    for u, v in zip(got, want):
+        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(lora_linear(x, w, a, b, s), plain(x, w, a, b, s), rtol=1e-5, atol=1e-6)
+    check_grads(lambda *p: jnp.sum(jnp.sin(lora_linear(*p))), (x, w, a, b, s), order=1, modes=("rev",),
+                atol=2e-2, rtol=2e-2)
