@@ -15,6 +15,7 @@ layers).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
@@ -74,27 +75,43 @@ def lora_linear(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: j
     """`x @ w + scale * (x @ a) @ b` for a plain base `w[in, out]` (any float dtype; cast to x's): a LoRA layer
     without dropout. `a`, `b`, `scale` in x's dtype.
 
-    The backward pass forms `w + scale * a @ b` (one `[in, out]` add per layer and step) and takes the input
-    gradient through it in one product, instead of adding `g w^T` and `(g b^T) a^T`: that second product's
-    `[tokens, in]` output and the add that reads it were 3-5% of a projection's forward + backward time on a
-    2-core CPU (576 x 1536 and 1536 x 576 at 2048 tokens). The weight gradients are `lora_product`'s. The base's
-    gradient `x^T g` is returned too; XLA drops it when nothing asks for it (a frozen base).
+    With more tokens than the weight has rows (forward) or columns (backward), the product runs through the merged
+    weight `w + scale * a @ b`, formed in each pass (an `[in, out]` add, r MACs per weight element), instead of the
+    extra `[tokens, r] @ [r, out]` product (forward) or `[tokens, r] @ [r, in]` product (input gradient) and the
+    add of its `[tokens, .]` output: 3-5% of a projection's forward + backward time on a 2-core CPU at 2048
+    tokens (576 x 1536, 1536 x 576, 576 x 576, 576 x 192). Fewer tokens (decoding) keep the factored products,
+    which are then the cheaper ones. The weight gradients are `lora_product`'s. The base's gradient `x^T g` is
+    returned too; XLA drops it when nothing asks for it (a frozen base).
     """
-    return jnp.einsum("...i,io->...o", x, w.astype(x.dtype)) + lora_product(x, a, b, scale)
+    return _lora_linear_fwd(x, w, a, b, scale)[0]
+
+
+def _merged(w, a, b, scale, dtype):
+    """`w + scale * a @ b` in fp32, cast to `dtype`."""
+    return (w.astype(jnp.float32) + scale.astype(jnp.float32) * (a.astype(jnp.float32) @ b.astype(jnp.float32))
+            ).astype(dtype)
+
+
+def _tokens(x: jax.Array) -> int:
+    return math.prod(x.shape[:-1])
 
 
 def _lora_linear_fwd(x, w, a, b, scale):
     xa = jnp.einsum("...i,ir->...r", x, a)
-    y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype)) + jnp.einsum("...r,ro->...o", scale * xa, b)
+    if _tokens(x) > w.shape[0]:
+        y = jnp.einsum("...i,io->...o", x, _merged(w, a, b, scale, x.dtype))
+    else:
+        y = jnp.einsum("...i,io->...o", x, w.astype(x.dtype)) + jnp.einsum("...r,ro->...o", scale * xa, b)
     return y, (x, xa, w, a, b, scale)
 
 
 def _lora_linear_bwd(res, g):
     x, xa, w, a, b, scale = res
-    merged = w.astype(jnp.float32) + scale.astype(jnp.float32) * (a.astype(jnp.float32) @ b.astype(jnp.float32))
-    grad_x = jnp.einsum("...o,io->...i", g, merged.astype(x.dtype))
+    merge = _tokens(x) > w.shape[1]
     grad_w = jnp.einsum("...i,...o->io", x, g).astype(w.dtype)
-    _, grad_a, grad_b, grad_scale = _lora_product_bwd((x, xa, a, b, scale), g, input_grad=False)
+    grad_x, grad_a, grad_b, grad_scale = _lora_product_bwd((x, xa, a, b, scale), g, input_grad=not merge)
+    base = _merged(w, a, b, scale, x.dtype) if merge else w.astype(x.dtype)
+    grad_x = jnp.einsum("...o,io->...i", g, base) + (0 if merge else grad_x)
     return grad_x, grad_w, grad_a, grad_b, grad_scale
 
 

@@ -101,20 +101,21 @@ def test_lora_product_custom_vjp_matches_autodiff_of_the_formula():
                 atol=2e-2, rtol=2e-2)
 
 
-def test_lora_linear_custom_vjp_matches_autodiff_of_the_formula():
-    """`x w + s (x a) b` with the input gradient taken through the merged weight: every gradient (base included)
-    equals JAX's autodiff of the plain einsums, and finite differences."""
+@pytest.mark.parametrize("lead", [(1, 3), (2, 5), (4, 5)])  # 3, 10, 20 tokens: neither pass, the backward
+def test_lora_linear_custom_vjp_matches_autodiff_of_the_formula(lead):  # only (10 > 7 out), both (20 > 12 in)
+    """`x w + s (x a) b`, factored or through the merged weight depending on the token count: the output and every
+    gradient (base included) equal JAX's autodiff of the plain einsums, and finite differences."""
     from jax.test_util import check_grads
 
     from jaxft.peft.types import lora_linear
 
     k = jax.random.split(jax.random.key(1), 5)
-    x, w = jax.random.normal(k[0], (2, 5, 12)), jax.random.normal(k[4], (12, 7))
+    x, w = jax.random.normal(k[0], lead + (12,)), jax.random.normal(k[4], (12, 7))
     a, b = jax.random.normal(k[1], (12, 3)), jax.random.normal(k[2], (3, 7))
-    g, s = jax.random.normal(k[3], (2, 5, 7)), jnp.float32(1.7)
+    g, s = jax.random.normal(k[3], lead + (7,)), jnp.float32(1.7)
 
     def plain(x, w, a, b, s):
-        return jnp.einsum("bti,io->bto", x, w) + s * jnp.einsum("btr,ro->bto", jnp.einsum("bti,ir->btr", x, a), b)
+        return jnp.einsum("...i,io->...o", x, w) + s * jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x, a), b)
 
     want = jax.vjp(plain, x, w, a, b, s)[1](g)
     got = jax.vjp(lora_linear, x, w, a, b, s)[1](g)
