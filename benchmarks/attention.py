@@ -1,8 +1,10 @@
 """Causal attention forward + backward: jaxft's blocked attention vs torch's scaled_dot_product_attention, CPU fp32.
 
 One layer of SmolLM2-135M (9 query heads, 3 kv heads, head dim 64), batch 4 x 512 by default. Also times the same
-blocked forward differentiated by plain autodiff, to show what the hand-written backward buys. One process, prints
-the ratio last (> 1 means jaxft is faster).
+blocked forward differentiated by plain autodiff, to show what the hand-written backward buys. One process with
+freed host memory kept mapped for both sides (`jaxft.runtime.keep_freed_host_memory`, as `python -m jaxft.train`
+runs); jaxft's forward and backward are separate jits, as under the model's scan over layers, where the backward
+cannot reuse the forward's work. Prints the ratio last (> 1 means jaxft is faster).
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ def main(argv=None):
     ap.add_argument("--no-record", action="store_true")
     args = ap.parse_args(argv)
 
+    from jaxft.runtime import keep_freed_host_memory
+
+    keep_freed_host_memory()  # before JAX and torch start their threads
     import jax
     import jax.numpy as jnp
     import torch
@@ -47,10 +52,13 @@ def main(argv=None):
     args_j = [jnp.asarray(x) for x in (q, k, v, g)]
 
     def fwd_bwd(attn):
+        fwd = jax.jit(lambda q_, k_, v_: jax.vjp(lambda a, b_, c: attn(a, b_, c, mask, block), q_, k_, v_))
+        bwd = jax.jit(lambda vjp, g_: vjp(g_))
+
         def f(q_, k_, v_, g_):
-            out, vjp = jax.vjp(lambda a, b_, c: attn(a, b_, c, mask, block), q_, k_, v_)
-            return out, vjp(g_)
-        return jax.jit(f)
+            out, vjp = fwd(q_, k_, v_)
+            return out, bwd(vjp, g_)
+        return f
 
     custom = fwd_bwd(A.blocked_causal_attention)
     autodiff = fwd_bwd(lambda q_, *a: A._blocked_fwd_impl_out(q_, *a).reshape(q_.shape))
