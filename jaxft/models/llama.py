@@ -85,7 +85,7 @@ class SwigluLinear(Linear):
 
 
 # The backward pass recomputes swiglu(gate, up) rather than keep a third [tokens, intermediate] array; products
-# stay saved (DoRA needs x @ W).
+# stay saved (DoRA with dropout needs x @ W).
 _RematSwigluLinear = nn.remat(SwigluLinear, prevent_cse=False, policy=jax.checkpoint_policies.checkpoint_dots)
 
 

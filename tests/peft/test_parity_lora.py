@@ -120,12 +120,13 @@ def test_jaxft_saved_adapter_loads_in_peft(case, variant, tmp_path):
 @pytest.mark.parametrize("case", ["lora_patterns", "dora_layers", "ia3"])
 def test_scan_matches_unrolled(case, tmp_path):
     """The stacked adapter under `lax.scan` (per-layer ranks, scales and active flags sliced per layer) computes
-    what the unrolled loop computes (relative 1e-6)."""
+    what the unrolled loop computes (relative 2e-6: float32 rounding, as XLA fuses the DoRA rescaling differently in
+    the two loops; 1.05e-6 measured. A wrongly sliced leaf is off by far more)."""
     pm, config, params, d = _peft_adapter(case, "llama_mha_untied", tmp_path)
     spec, adapter = jpeft.load_adapter(str(d), config)
     bound = jpeft.bind(params, spec, adapter)
     scanned = jax_logits(config, bound, options=jaxft.ModelOptions(scan_layers=True))
-    assert rel_err(scanned, jax_logits(config, bound)) <= 1e-6
+    assert rel_err(scanned, jax_logits(config, bound)) <= 2e-6
     assert rel_err(scanned, torch_logits(pm)) <= TOL
 
 
@@ -137,22 +138,26 @@ class _nothing:
         return False
 
 
-def test_lora_gradients_over_many_tokens_match_peft(tmp_path):
-    """3 x 40 tokens, more than any weight of the tiny model has rows or columns (32, 64): jaxft's LoRA product
-    then runs through the merged weight `W + s A B` in both passes (`lora_linear`). Logits, and the gradient of a
-    random projection of them for every lora_A / lora_B, match peft's autograd (relative 1e-5 and 1e-4: gradients
-    through both layers differ by up to 3e-5 here whichever form the product takes, the factored one included)."""
+@pytest.mark.parametrize("case", ["lora_all_linear", "dora"])
+def test_gradients_over_many_tokens_match_peft(case, tmp_path):
+    """3 x 40 tokens, more than any weight of the tiny model has rows or columns (32, 64): jaxft's LoRA (and DoRA)
+    product then runs through the merged weight `W + s A B` in both passes (`lora_linear`). Logits, and the gradient
+    of a random projection of them for every adapter tensor, match peft's autograd (relative 1e-5 and 1e-4:
+    gradients through both layers differ by up to 3e-5 here whichever form the product takes, the factored one
+    included)."""
     import torch
     from safetensors.numpy import load_file
 
-    pm, config, params, d = _peft_adapter("lora_all_linear", "llama_mha_untied", tmp_path)
+    pm, config, params, d = _peft_adapter(case, "llama_mha_untied", tmp_path)
     spec, adapter = jpeft.load_adapter(str(d), config)
     rng = np.random.RandomState(0)
     ids = rng.randint(0, config.vocab_size, (3, 40))
     w = rng.randn(3, 40, config.vocab_size).astype(np.float32)
     logits_t = pm(input_ids=torch.as_tensor(ids)).logits
     (logits_t * torch.as_tensor(w)).sum().backward()
-    want = {n.replace(".default", ""): p.grad.numpy() for n, p in pm.named_parameters() if p.requires_grad}
+    # peft's file names: no adapter name, and the magnitude without ".weight"
+    want = {n.replace(".default", "").replace("lora_magnitude_vector.weight", "lora_magnitude_vector"): p.grad.numpy()
+            for n, p in pm.named_parameters() if p.requires_grad}
 
     def loss(a):
         logits = jaxft.forward(config, jpeft.bind(params, spec, a), jnp.asarray(ids, jnp.int32))
@@ -162,6 +167,7 @@ def test_lora_gradients_over_many_tokens_match_peft(tmp_path):
     assert rel_err(logits, logits_t.detach().numpy()) <= TOL
     jpeft.save_adapter(spec, grads, str(tmp_path / "grads"), config)  # gradients in peft's names and layout
     got = load_file(str(tmp_path / "grads" / "adapter_model.safetensors"))
-    assert sorted(got) == sorted(want) and len(got) == 2 * 7 * config.num_hidden_layers
+    # 2 layers x (7 modules x A, B | 4 modules x A, B, magnitude)
+    assert sorted(got) == sorted(want) and len(got) == {"lora_all_linear": 28, "dora": 24}[case]
     for name, g in got.items():
         assert rel_err(g, want[name]) <= GRAD_TOL, name
