@@ -186,8 +186,8 @@ class Dora(Weight):
     The norm is per output feature (the column norm of `kernel[in, out]`, HF's row norm of `weight[out, in]`) and is
     detached from the gradient graph, as the DoRA paper (section 4.3) and peft do. The bias is added after the
     rescaling, unscaled. With dropout in training peft computes `x W + bias + (f - 1) * d(x) W + f * s * (d(x) a) b`
-    (the magnitude path sees the dropped input); this does the same. Without dropout on a plain base it is
-    `f * lora_linear(x, W, a, b, scale)`: on a 4-layer SmolLM2-shaped model (batch 4 x 512, r 16, all linear
+    (the magnitude path sees the dropped input); this does the same. Without dropout it is `f` times the LoRA
+    layer's product (`lora_linear` on a plain base): on a 4-layer SmolLM2-shaped model (batch 4 x 512, r 16, all linear
     layers) that made the training step 1.1x faster and its scratch memory 796 -> 586 MB, as `x W` is no longer
     kept apart from the sum.
 
@@ -217,19 +217,13 @@ class Dora(Weight):
 
     def apply(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
         f = self.factor().astype(x.dtype)
-        if not isinstance(self.base, Weight) and (self.dropout_key is None or self.dropout_rate == 0.0):
-            # Without dropout: base + (f - 1) base + f lora = f (x W + lora).
-            a, b, scale = self.a.astype(x.dtype), self.b.astype(x.dtype), jnp.asarray(self.scale, x.dtype)
-            y = f * lora_linear(x, self.base, a, b, scale)
-            return y if bias is None else y + bias.astype(y.dtype)
-        base_out = linear(x, self.base, None)
         if self.dropout_key is None or self.dropout_rate == 0.0:
-            xd, base_d = x, base_out
+            # base + (f - 1) base + f lora = f (x W + lora): the LoRA layer's own product (`lora_linear`).
+            y = f * self._lora().apply(x, None)
         else:
             xd = _dropout(x, self.dropout_rate, self.dropout_key)
-            base_d = linear(xd, self.base, None)
-        lora = lora_product(xd, self.a.astype(x.dtype), self.b.astype(x.dtype), jnp.asarray(self.scale, x.dtype))
-        y = base_out + (f - 1) * base_d + f * lora
+            lora = lora_product(xd, self.a.astype(x.dtype), self.b.astype(x.dtype), jnp.asarray(self.scale, x.dtype))
+            y = linear(x, self.base, None) + (f - 1) * linear(xd, self.base, None) + f * lora
         if bias is not None:
             y = y + bias.astype(y.dtype)
         return y
