@@ -7,15 +7,17 @@ The public surface for research code:
     jaxft.save_pretrained(config, params, "out/", tokenizer)      # an HF directory transformers loads
 """
 
+from jaxft.errors import ConfigError, FileFormatError, JaxftError, UnsupportedConfigError
 from jaxft.io.hf import load_config, load_pretrained, save_pretrained
 from jaxft.io.tokenizer import load_tokenizer
-from jaxft.models.config import LlamaConfig, RopeScaling, UnsupportedConfigError, from_hf, to_hf
+from jaxft.models.config import LlamaConfig, RopeScaling, from_hf, to_hf
 from jaxft.models.llama import KVCache, ModelOptions, forward, forward_cached, hidden_states, init_cache
 from jaxft.models.params import abstract_params, init_params, logical_axes, param_specs
 from jaxft.ops.linear import Weight, linear, materialize
 
 __all__ = [
-    "KVCache", "LlamaConfig", "ModelOptions", "RopeScaling", "UnsupportedConfigError", "Weight", "abstract_params",
-    "forward", "forward_cached", "from_hf", "hidden_states", "init_cache", "init_params", "linear", "load_config",
-    "load_pretrained", "load_tokenizer", "logical_axes", "materialize", "param_specs", "save_pretrained", "to_hf",
+    "ConfigError", "FileFormatError", "JaxftError", "KVCache", "LlamaConfig", "ModelOptions", "RopeScaling",
+    "UnsupportedConfigError", "Weight", "abstract_params", "forward", "forward_cached", "from_hf", "hidden_states",
+    "init_cache", "init_params", "linear", "load_config", "load_pretrained", "load_tokenizer", "logical_axes",
+    "materialize", "param_specs", "save_pretrained", "to_hf",
 ]

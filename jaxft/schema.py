@@ -15,11 +15,9 @@ from typing import Any, Mapping, Sequence, TypeVar
 
 import yaml
 
+from jaxft.errors import ConfigError  # re-exported: `from jaxft.schema import ConfigError` keeps working
+
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration value is wrong. The message is one line: where, what, what to do."""
 
 
 def _suggest(key: str, valid: Sequence[str]) -> str:

@@ -10,7 +10,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-from jaxft.testing import VARIANTS, hf_tiny, rel_err  # noqa: E402,F401  (re-exported for tests)
+from hf_models import VARIANTS, hf_tiny, rel_err  # noqa: E402,F401  (re-exported for tests)
 
 jax.config.update("jax_default_matmul_precision", "highest")
 

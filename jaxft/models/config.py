@@ -12,12 +12,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
+from jaxft.errors import UnsupportedConfigError  # re-exported
+
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
 MODEL_TYPES = {v: k for k, v in ARCHITECTURES.items()}
-
-
-class UnsupportedConfigError(ValueError):
-    """The config asks for math jaxft does not implement. One line naming the field."""
 
 
 @dataclass(frozen=True)

@@ -9,7 +9,7 @@ import pytest
 import jaxft
 from jaxft import peft
 from jaxft.generate.greedy import greedy_generate
-from jaxft.testing import hf_tiny
+from hf_models import hf_tiny
 
 
 @pytest.fixture(scope="module")

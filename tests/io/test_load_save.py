@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import jaxft
-from jaxft.testing import hf_tiny, rel_err
+from hf_models import hf_tiny, rel_err
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ import torch
 import jaxft
 from jaxft.models.llama import ModelOptions
 from jaxft.ops.linear import Weight
-from jaxft.testing import VARIANTS, hf_tiny, rel_err
+from hf_models import VARIANTS, hf_tiny, rel_err
 
 TOL = 1e-5
 

@@ -11,7 +11,7 @@ import torch
 
 import jaxft
 from jaxft.generate.greedy import greedy_generate
-from jaxft.testing import rel_err
+from hf_models import rel_err
 
 pytestmark = pytest.mark.slow
 

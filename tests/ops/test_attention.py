@@ -8,7 +8,7 @@ import torch
 
 import jaxft
 from jaxft.ops.attention import attention, attention_mask, blocked_causal_attention, causal_block_size
-from jaxft.testing import hf_tiny, rel_err
+from hf_models import hf_tiny, rel_err
 
 
 def _packed_inputs(padding: bool):

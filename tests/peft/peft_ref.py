@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 import jaxft
-from jaxft.testing import hf_tiny
+from hf_models import hf_tiny
 
 # Two rows, no padding: peft and jaxft give the virtual tokens the same positions only without left padding.
 IDS = np.array([[3, 17, 5, 42, 8, 11, 90], [60, 2, 33, 7, 71, 19, 4]], np.int64)

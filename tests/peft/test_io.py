@@ -10,7 +10,7 @@ import shutil
 import numpy as np
 import pytest
 
-from jaxft.testing import rel_err
+from hf_models import rel_err
 from jaxft import peft as jpeft
 from jaxft.schema import ConfigError
 from peft_ref import hf_state, jax_logits, jax_state, randomize, tiny_pair, torch_logits

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxft
-from jaxft.testing import rel_err
+from hf_models import rel_err
 from jaxft import peft as jpeft
 
 CONFIG = jaxft.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=3,

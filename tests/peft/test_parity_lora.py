@@ -16,7 +16,7 @@ import pytest
 
 import jaxft
 
-from jaxft.testing import rel_err
+from hf_models import rel_err
 from jaxft import peft as jpeft
 from peft_ref import hf_state, jax_logits, jax_state, randomize, tiny_pair, torch_logits
 

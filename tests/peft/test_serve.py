@@ -8,7 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxft.testing import rel_err
+from hf_models import rel_err
 from jaxft import peft as jpeft
 from peft_ref import jax_logits, tiny_pair, torch_logits
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxft
-from jaxft.testing import rel_err
+from hf_models import rel_err
 from jaxft import peft as jpeft
 from jaxft.schema import ConfigError
 

@@ -15,7 +15,7 @@ import pytest
 from jax.test_util import check_grads
 
 import jaxft
-from jaxft.testing import rel_err
+from hf_models import rel_err
 from jaxft import peft as jpeft
 from jaxft.schema import ConfigError
 from peft_ref import IDS, UNROLLED, jax_logits, tiny_pair

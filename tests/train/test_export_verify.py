@@ -17,7 +17,7 @@ import pytest
 
 import jaxft
 from jaxft import peft as jpeft
-from jaxft.testing import rel_err
+from hf_models import rel_err
 from jaxft.train import verify
 from jaxft.train.config import method_spec, parse_config
 from jaxft.train.export import export_all

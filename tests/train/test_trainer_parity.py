@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import jaxft
-from jaxft.testing import hf_tiny, rel_err
+from hf_models import hf_tiny, rel_err
 from jaxft import peft
 from jaxft.train.optim import OptimConfig, make_optimizer
 from jaxft.train.step import Model, make_train_step

@@ -1,5 +1,5 @@
-"""Test helpers shared by jaxft's suite and by anyone checking a port: tiny random transformers models of every
-supported variant, and the relative error used by the parity tests. Needs torch and transformers (the `dev` extra)."""
+"""Test helpers shared by the suite: tiny random transformers models of every supported variant, and the relative
+error used by the parity tests. Needs torch and transformers (the `dev` extra)."""
 
 from __future__ import annotations
 
