@@ -21,6 +21,7 @@ import os
 import warnings
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -30,7 +31,8 @@ from jaxft.peft.serve import vllm_warnings
 from jaxft.peft.specs import (BitFitSpec, DoraSpec, HoulsbySpec, IA3Spec, LoraSpec, PrefixTuningSpec,
                               PromptTuningSpec)
 from jaxft.peft.targets import get_path, iter_instances, plan, set_path
-from jaxft.schema import ConfigError
+from jaxft.peft.tree import init
+from jaxft.errors import ConfigError, FileFormatError
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -112,10 +114,35 @@ def _spec_from_config(cfg: dict, where: str, tied: bool) -> Any:
         _refuse_options(cfg, {"num_virtual_tokens", "modules_to_save"}, where)
         if cfg.get("modules_to_save"):
             raise ConfigError(f"{where}: modules_to_save with {kind} is not supported")
+        if "num_virtual_tokens" not in cfg:
+            raise FileFormatError(f"{where}: missing required field 'num_virtual_tokens' for {kind}; re-save the "
+                                  "adapter")
         p = int(cfg["num_virtual_tokens"])
         return PromptTuningSpec(num_virtual_tokens=p) if kind == "PROMPT_TUNING" else PrefixTuningSpec(p)
     raise ConfigError(f"{where}: peft_type {kind!r} is not supported (supported: LORA (incl. DoRA), IA3, "
                       "PROMPT_TUNING, PREFIX_TUNING)")
+
+
+def read_adapter_config(path: str) -> dict:
+    """The JSON object of an `adapter_config.json`; `FileFormatError` naming the file, and the line and column of a
+    syntax error, when it is empty, not JSON, not an object, or has no `peft_type`."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    if not text.strip():
+        raise FileFormatError(f"{path}: the file is empty; an adapter config is a JSON object with at least "
+                              "'peft_type' (re-save the adapter)")
+    try:
+        cfg = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise FileFormatError(f"{path}: line {e.lineno} column {e.colno}: not valid JSON ({e.msg}); fix the file "
+                              "or re-save the adapter") from None
+    if not isinstance(cfg, dict):
+        raise FileFormatError(f"{path}: expected a JSON object of adapter options, got a {type(cfg).__name__}; "
+                              "re-save the adapter")
+    if "peft_type" not in cfg:
+        raise FileFormatError(f"{path}: missing required field 'peft_type' (e.g. \"LORA\"); re-save the adapter "
+                              "with peft or jaxft.peft.save_adapter")
+    return cfg
 
 
 def _read_tensors(path: str) -> dict[str, np.ndarray]:
@@ -124,7 +151,8 @@ def _read_tensors(path: str) -> dict[str, np.ndarray]:
     try:
         return load_file(path)
     except Exception as e:  # safetensors raises its own error type
-        raise ValueError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0] if str(e) else e})") from None
+        raise FileFormatError(f"{path}: unreadable safetensors file ({str(e).splitlines()[0] if str(e) else e}); "
+                              "re-save the adapter") from None
 
 
 def load_adapter(peft_dir: str, config: LlamaConfig, *, dtype=jnp.float32) -> tuple[Any, dict]:
@@ -136,39 +164,58 @@ def load_adapter(peft_dir: str, config: LlamaConfig, *, dtype=jnp.float32) -> tu
     """
     cfg_path, w_path = os.path.join(peft_dir, CONFIG_NAME), os.path.join(peft_dir, WEIGHTS_NAME)
     if not os.path.isfile(cfg_path):
-        raise FileNotFoundError(f"{peft_dir}: no {CONFIG_NAME}; not a peft adapter directory")
+        raise FileFormatError(f"{peft_dir}: no {CONFIG_NAME}; not an adapter directory (pass the directory that "
+                              "save_adapter or peft's save_pretrained wrote)")
     if not os.path.isfile(w_path):
-        other = " (only adapter_model.bin, a pickle: re-save it with safe_serialization)" if os.path.isfile(
-            os.path.join(peft_dir, "adapter_model.bin")) else ""
-        raise FileNotFoundError(f"{peft_dir}: no {WEIGHTS_NAME}{other}")
-    with open(cfg_path) as f:
-        cfg = json.load(f)
+        other = (" (only adapter_model.bin, a pickle: re-save it with peft's save_pretrained(safe_serialization=True))"
+                 if os.path.isfile(os.path.join(peft_dir, "adapter_model.bin")) else
+                 "; the adapter's weights are missing: copy the whole directory that save_adapter wrote")
+        raise FileFormatError(f"{peft_dir}: no {WEIGHTS_NAME}{other}")
+    cfg = read_adapter_config(cfg_path)
     spec = _spec_from_config(cfg, cfg_path, config.tie_word_embeddings)
     tensors = _read_tensors(w_path)
     if isinstance(spec, (PromptTuningSpec, PrefixTuningSpec)):
         return spec, _load_prompt(spec, cfg, tensors, config, w_path, dtype)
     if isinstance(spec, (HoulsbySpec, BitFitSpec)):
-        adapter: dict = {}
-        for key, value in tensors.items():
-            set_path(adapter, tuple(key.split(".")), jnp.asarray(value, dtype))
-        return spec, adapter
+        return spec, _load_own_format(spec, tensors, config, w_path, dtype)
     params = abstract_params(config)
     adapter, expected = _fill_tree(spec, params, cfg_path)
     for key, value in tensors.items():
         if key not in expected:
-            raise ValueError(f"{w_path}: tensor '{key}' does not belong to this adapter config on a "
+            raise FileFormatError(f"{w_path}: tensor '{key}' does not belong to this adapter config on a "
                              f"{config.model_type} model (modules: {_short_modules(expected)})")
         path, index, transform, shape = expected.pop(key)
         if tuple(value.shape) != shape:
-            raise ValueError(f"{w_path}: tensor '{key}' has shape {tuple(value.shape)}, the model expects {shape}")
+            raise FileFormatError(f"{w_path}: tensor '{key}' has shape {tuple(value.shape)}, the model expects {shape}")
         leaf = np.asarray(get_path(adapter, path))
         leaf[index] = transform(value.astype(np.float32))
         set_path(adapter, path, leaf)
     if expected:
         missing = sorted(expected)
         more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
-        raise ValueError(f"{w_path}: missing tensor '{missing[0]}'{more} that the adapter config implies")
+        raise FileFormatError(f"{w_path}: missing tensor '{missing[0]}'{more} that the adapter config implies")
     return spec, _to_jax(adapter, dtype)
+
+
+def _load_own_format(spec: Any, tensors: dict[str, np.ndarray], config: LlamaConfig, where: str, dtype) -> dict:
+    """jaxft's own adapter format (dotted adapter-tree paths), every tensor checked against the tree `init` builds for
+    this spec and model (shapes only: no weights are made)."""
+    expected = _flat(jax.eval_shape(lambda p: init(spec, config, p, jax.random.key(0)), abstract_params(config)))
+    for key, value in tensors.items():
+        if key not in expected:
+            raise FileFormatError(f"{where}: tensor '{key}' does not belong to a {type(spec).__name__} adapter on "
+                                  f"this {config.model_type} model; was it saved for another model?")
+        if tuple(value.shape) != tuple(expected[key].shape):
+            raise FileFormatError(f"{where}: tensor '{key}' has shape {tuple(value.shape)}, the model expects "
+                                  f"{tuple(expected[key].shape)}; the adapter was made for another model")
+    missing = sorted(set(expected) - set(tensors))
+    if missing:
+        more = f" and {len(missing) - 1} more" if len(missing) > 1 else ""
+        raise FileFormatError(f"{where}: missing tensor '{missing[0]}'{more} that the adapter config implies")
+    adapter: dict = {}
+    for key, value in tensors.items():
+        set_path(adapter, tuple(key.split(".")), jnp.asarray(value, dtype))
+    return adapter
 
 
 def _to_jax(tree: Any, dtype) -> Any:
@@ -230,7 +277,7 @@ def _fill_tree(spec: Any, params: dict, where: str) -> tuple[dict, dict]:
 
 def _load_prompt(spec: Any, cfg: dict, tensors: dict, config: LlamaConfig, where: str, dtype) -> dict:
     if set(tensors) != {"prompt_embeddings"}:
-        raise ValueError(f"{where}: expected exactly one tensor 'prompt_embeddings', found {sorted(tensors)}")
+        raise FileFormatError(f"{where}: expected exactly one tensor 'prompt_embeddings', found {sorted(tensors)}")
     value = tensors["prompt_embeddings"].astype(np.float32)
     p, L, K, hd = spec.num_virtual_tokens, config.num_hidden_layers, config.num_key_value_heads, config.head_dim
     if isinstance(spec, PromptTuningSpec):
@@ -238,7 +285,7 @@ def _load_prompt(spec: Any, cfg: dict, tensors: dict, config: LlamaConfig, where
     else:
         shape = (p, L * 2 * K * hd)
     if tuple(value.shape) != shape:
-        raise ValueError(f"{where}: tensor 'prompt_embeddings' has shape {tuple(value.shape)}, the model expects "
+        raise FileFormatError(f"{where}: tensor 'prompt_embeddings' has shape {tuple(value.shape)}, the model expects "
                          f"{shape}")
     if isinstance(spec, PromptTuningSpec):
         return {"prompt_embeddings": jnp.asarray(value, dtype)}
@@ -315,22 +362,31 @@ def _prompt_config(spec: Any, adapter: dict, config: LlamaConfig, base: str | No
     return cfg, {"prompt_embeddings": np.ascontiguousarray(kv.reshape(kv.shape[0], -1))}
 
 
-def _flat(tree: Any, path: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+def _flat(tree: Any, path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`{'a.b.c': leaf}` for a nested dict of leaves."""
     if isinstance(tree, dict):
         out = {}
         for k, v in tree.items():
             out.update(_flat(v, (*path, k)))
         return out
-    return {".".join(path): np.asarray(tree)}
+    return {".".join(path): tree}
 
 
 def save_adapter(spec: Any, adapter: dict, out_dir: str, config: LlamaConfig, *,
-                 base_model_name_or_path: str | None = None) -> list[str]:
+                 base_model_name_or_path: str | None = None, overwrite: bool = False) -> list[str]:
     """Write `adapter_config.json` and `adapter_model.safetensors` in peft's format (jaxft's own for Houlsby and
     BitFit) and return the reasons vLLM will not serve the result (empty when it will); they are also issued as
     one `UserWarning`. Tensors keep the adapter's dtype; each layer's LoRA factors are cut to its own rank.
+
+    `base_model_name_or_path` is written into the config as given: peft's `AutoPeftModelForCausalLM` loads the base
+    from it, so pass the Hub id or the local directory of the base weights. An existing non-empty `out_dir` is
+    refused unless `overwrite=True` (which replaces the two files and leaves other files there alone).
     """
     from safetensors.numpy import save_file
+
+    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
+        raise FileExistsError(f"{out_dir}: exists and is not empty; choose another directory or pass "
+                              "overwrite=True")
 
     if isinstance(spec, (PromptTuningSpec, PrefixTuningSpec)):
         cfg, tensors = _prompt_config(spec, adapter, config, base_model_name_or_path)
@@ -338,7 +394,7 @@ def save_adapter(spec: Any, adapter: dict, out_dir: str, config: LlamaConfig, *,
         kind = "JAXFT_HOULSBY" if isinstance(spec, HoulsbySpec) else "JAXFT_BITFIT"
         cfg = {"peft_type": kind, "base_model_name_or_path": base_model_name_or_path,
                **{k: _listify(v) for k, v in dataclasses.asdict(spec).items()}}
-        tensors = _flat(adapter)
+        tensors = {k: np.asarray(v) for k, v in _flat(adapter).items()}
     else:
         plans = plan(spec, abstract_params(config))
         if isinstance(spec, IA3Spec):
@@ -351,10 +407,13 @@ def save_adapter(spec: Any, adapter: dict, out_dir: str, config: LlamaConfig, *,
             cfg = _lora_config(spec, plans, config, base_model_name_or_path)
         tensors = _lora_tensors(spec, plans, adapter, config)
     os.makedirs(out_dir, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, os.path.join(out_dir, WEIGHTS_NAME),
-              metadata={"format": "pt"})
-    with open(os.path.join(out_dir, CONFIG_NAME), "w") as f:
+    # Each file is written beside its target and renamed over it, so an interrupted save never leaves a torn file.
+    w_tmp, c_tmp = os.path.join(out_dir, WEIGHTS_NAME + ".tmp"), os.path.join(out_dir, CONFIG_NAME + ".tmp")
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, w_tmp, metadata={"format": "pt"})
+    with open(c_tmp, "w") as f:
         json.dump(cfg, f, indent=2)
+    os.replace(w_tmp, os.path.join(out_dir, WEIGHTS_NAME))
+    os.replace(c_tmp, os.path.join(out_dir, CONFIG_NAME))
     reasons = vllm_warnings(spec, plans if isinstance(spec, (LoraSpec, DoraSpec)) else None)
     if reasons:
         warnings.warn(f"{out_dir}: vLLM will not serve this adapter: " + "; ".join(reasons), stacklevel=2)
