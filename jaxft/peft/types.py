@@ -203,14 +203,15 @@ class Dora(Weight):
     dropout_key: jax.Array | None = None
     dropout_rate: float = dataclasses.field(default=0.0, metadata=_STATIC)
 
-    def _lora(self) -> Lora:
+    def lora(self) -> Lora:
+        """The LoRA layer inside (same base and factors, without the magnitude)."""
         return Lora(self.base, self.a, self.b, self.scale)
 
     def factor(self) -> jax.Array:
         """`f = magnitude / ||W + s a b||` per output feature, `[..., out]` fp32, no gradient through the norm; 1 on
         inactive layers."""
         w = materialize(self.base).astype(jnp.float32)
-        norm = jax.lax.stop_gradient(jnp.linalg.norm(w + jax.lax.stop_gradient(self._lora().delta()), axis=-2))
+        norm = jax.lax.stop_gradient(jnp.linalg.norm(w + jax.lax.stop_gradient(self.lora().delta()), axis=-2))
         mag = _freeze_inactive(self.magnitude.astype(jnp.float32), self.active)
         active = _per_layer(self.active, mag.ndim)
         return jnp.where(active, mag / jnp.where(active, norm, 1.0), 1.0)
@@ -219,7 +220,7 @@ class Dora(Weight):
         f = self.factor().astype(x.dtype)
         if self.dropout_key is None or self.dropout_rate == 0.0:
             # base + (f - 1) base + f lora = f (x W + lora): the LoRA layer's own product (`lora_linear`).
-            y = f * self._lora().apply(x, None)
+            y = f * self.lora().apply(x, None)
         else:
             xd = _dropout(x, self.dropout_rate, self.dropout_key)
             lora = lora_product(xd, self.a.astype(x.dtype), self.b.astype(x.dtype), jnp.asarray(self.scale, x.dtype))
@@ -230,7 +231,7 @@ class Dora(Weight):
 
     def materialize(self) -> jax.Array:
         w = materialize(self.base)
-        merged = self.factor()[..., None, :] * (w.astype(jnp.float32) + self._lora().delta())
+        merged = self.factor()[..., None, :] * (w.astype(jnp.float32) + self.lora().delta())
         return merged.astype(w.dtype)
 
     @property
