@@ -7,8 +7,10 @@ composite weight leaves that compute the method (see DESIGN.md, "weights are typ
     merged = peft.merge(params, spec, adapter)           # plain arrays, the base tree's structure and dtypes
     peft.save_adapter(spec, adapter, "out/", config)     # adapter_config.json + adapter_model.safetensors (peft's)
     spec, adapter = peft.load_adapter("peft_dir/", config)
+    spec, adapter = peft.add_weighted_adapter([spec_a, spec_b], [a, b], [0.7, 0.3], "cat", params=params)
 """
 
+from jaxft.peft.arithmetic import add_weighted_adapter
 from jaxft.peft.io import load_adapter, peft_loadable, save_adapter
 from jaxft.peft.merge import dora_norms, merge, mergeable, unmerge
 from jaxft.peft.prompt import adds_inputs, check_unpacked, generation_inputs, num_virtual_tokens, prompt_inputs
@@ -21,7 +23,7 @@ from jaxft.peft.types import IA3, Dora, Houlsby, Lora
 
 __all__ = [
     "BitFitSpec", "Dora", "DoraSpec", "Houlsby", "HoulsbySpec", "IA3", "IA3Spec", "Lora", "LoraSpec",
-    "PrefixTuningSpec", "PromptTuningSpec", "VLLM_RANKS", "adds_inputs", "bind",
+    "PrefixTuningSpec", "PromptTuningSpec", "VLLM_RANKS", "add_weighted_adapter", "adds_inputs", "bind",
     "check_unpacked", "dora_norms", "generation_inputs", "init", "load_adapter", "logical_axes", "mask_updates",
     "merge", "mergeable", "method_name", "method_names", "num_virtual_tokens", "peft_loadable", "prompt_inputs",
     "save_adapter", "spec_from_dict", "to_lora", "trainable_mask", "unmerge", "vllm_warnings",
