@@ -77,12 +77,12 @@ def test_only_adapter_entries_train(spec):
 
 
 
-def test_lora_product_custom_vjp_matches_autodiff_of_the_formula():
+def test_lora_branch_custom_vjp_matches_autodiff_of_the_formula():
     """The hand-written backward of `scale * (x a) b` equals JAX's autodiff of the plain einsums (and finite
     differences, via check_grads), for every input including the scale."""
     from jax.test_util import check_grads
 
-    from jaxft.peft.types import lora_product
+    from jaxft.peft.types import lora_branch
 
     k = jax.random.split(jax.random.key(0), 5)
     x, a = jax.random.normal(k[0], (2, 5, 12)), jax.random.normal(k[1], (12, 3))
@@ -93,11 +93,11 @@ def test_lora_product_custom_vjp_matches_autodiff_of_the_formula():
         return s * jnp.einsum("btr,ro->bto", jnp.einsum("bti,ir->btr", x, a), b)
 
     want = jax.vjp(plain, x, a, b, s)[1](g)
-    got = jax.vjp(lora_product, x, a, b, s)[1](g)
+    got = jax.vjp(lora_branch, x, a, b, s)[1](g)
     for u, v in zip(got, want):
         np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(lora_product(x, a, b, s), plain(x, a, b, s), rtol=1e-6)
-    check_grads(lambda *p: jnp.sum(jnp.sin(lora_product(*p))), (x, a, b, s), order=1, modes=("rev",),
+    np.testing.assert_allclose(lora_branch(x, a, b, s), plain(x, a, b, s), rtol=1e-6)
+    check_grads(lambda *p: jnp.sum(jnp.sin(lora_branch(*p))), (x, a, b, s), order=1, modes=("rev",),
                 atol=2e-2, rtol=2e-2)
 
 
