@@ -176,7 +176,8 @@ def test_gradients_over_many_tokens_match_peft(case, tmp_path):
     grad_fn = jax.jit(jax.grad(loss, has_aux=True))
     grads, logits = grad_fn(adapter)
     assert rel_err(logits, logits_t.detach().numpy()) <= MANY_TOKENS_TOL
-    jpeft.save_adapter(spec, grads, str(tmp_path / "grads"), config)  # gradients in peft's names and layout
+    with pytest.warns(UserWarning, match="vLLM will not serve this adapter: .*rank 4"):  # r=4: not a vLLM rank
+        jpeft.save_adapter(spec, grads, str(tmp_path / "grads"), config)  # gradients in peft's names and layout
     got = load_file(str(tmp_path / "grads" / "adapter_model.safetensors"))
     # 2 layers x (7 modules x A, B | 4 modules x A, B, magnitude)
     assert sorted(got) == sorted(want) and len(got) == {"lora_all_linear": 28, "dora": 24}[case]
@@ -187,6 +188,7 @@ def test_gradients_over_many_tokens_match_peft(case, tmp_path):
         lambda path, v: v * 1.01 if jax.tree_util.keystr(path).endswith("['lora_b']") else v, adapter)
     bad_grads, bad_logits = grad_fn(bad)
     assert rel_err(bad_logits, logits_t.detach().numpy()) > MANY_TOKENS_TOL
-    jpeft.save_adapter(spec, bad_grads, str(tmp_path / "bad_grads"), config)
+    with pytest.warns(UserWarning, match="vLLM will not serve"):
+        jpeft.save_adapter(spec, bad_grads, str(tmp_path / "bad_grads"), config)
     bad_got = load_file(str(tmp_path / "bad_grads" / "adapter_model.safetensors"))
     assert max(rel_err(g, want[name]) for name, g in bad_got.items()) > GRAD_TOL
