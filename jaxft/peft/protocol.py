@@ -7,7 +7,7 @@ Shared code (`tree`, `merge`, `io`, `serve`) asks the method of a spec for every
     reads / spec_from_config / config_fields        the peft `adapter_config.json` fields
     peft_tensors / load_tensors                     the peft `adapter_model.safetensors` tensors
     serve_problems                                  why vLLM would not serve it
-    virtual_tokens / model_inputs                   extra model inputs (prompt and prefix tuning)
+    virtual_tokens / forward_inputs / model_inputs  extra model inputs (prompt and prefix tuning)
 
 Most methods put a composite weight on chosen linear modules (LoRA, DoRA, IA3, Houlsby, BitFit's biases):
 `LinearMethod` runs the per-module loop once (targets from `jaxft.peft.targets.plan`) and asks the method only for
