@@ -13,35 +13,20 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.peft.specs import (BitFitSpec, DoraSpec, HoulsbySpec, IA3Spec, LoraSpec, PrefixTuningSpec,
-                              PromptTuningSpec)
+from jaxft.peft.merge import merge
+from jaxft.peft.methods.lora import VLLM_RANKS
+from jaxft.peft.registry import method_for
+from jaxft.peft.specs import LoraSpec
+from jaxft.peft.svd import to_lora as svd_to_lora
 from jaxft.peft.targets import ModulePlan, get_path, plan, set_path
 
-VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
-_NOT_LORA = {DoraSpec: "DoRA", IA3Spec: "IA3", PromptTuningSpec: "prompt tuning", PrefixTuningSpec: "prefix tuning",
-             HoulsbySpec: "Houlsby adapters", BitFitSpec: "BitFit"}
+__all__ = ["VLLM_RANKS", "to_lora", "vllm_warnings"]
 
 
 def vllm_warnings(spec: Any, plans: list[ModulePlan] | None = None) -> list[str]:
     """The reasons vLLM will not serve an adapter of `spec` (empty when it will). `plans` (from
     `jaxft.peft.targets.plan`) adds the per-layer checks: every rank used, one scaling for all modules."""
-    out = []
-    if type(spec) in _NOT_LORA:
-        hint = "; convert it with jaxft.peft.to_lora" if isinstance(spec, (DoraSpec, IA3Spec)) else ""
-        out.append(f"{_NOT_LORA[type(spec)]}: vLLM serves plain LoRA only{hint}")
-    if isinstance(spec, (LoraSpec, DoraSpec)):
-        ranks = {spec.r} | {int(r) for mp in plans or [] for r, a in zip(mp.rank, mp.active) if a}
-        bad = sorted(r for r in ranks if r not in VLLM_RANKS)
-        if bad:
-            out.append(f"rank {', '.join(map(str, bad))}: vLLM accepts ranks {', '.join(map(str, VLLM_RANKS))} "
-                       "(jaxft.peft.to_lora re-expresses the adapter at another rank)")
-        scales = {float(s) for mp in plans or [] for s, a in zip(mp.scale, mp.active) if a}
-        if len(scales) > 1:
-            out.append("rank_pattern/alpha_pattern give modules different scales; vLLM applies lora_alpha / r to "
-                       "every module (jaxft.peft.to_lora gives one rank and scale)")
-    if getattr(spec, "modules_to_save", ()):
-        out.append(f"modules_to_save={list(spec.modules_to_save)}: vLLM does not load fully trained modules")
-    return out
+    return method_for(spec).serve_problems(spec, plans)
 
 
 def to_lora(spec: Any, adapter: dict, params: dict, rank: int, *, alpha: float | None = None
@@ -55,10 +40,7 @@ def to_lora(spec: Any, adapter: dict, params: dict, rank: int, *, alpha: float |
     copies are carried over. A change of bias (IA3 on a module with a bias) cannot be carried by a LoRA and is
     refused.
     """
-    from jaxft.peft.merge import merge
-    from jaxft.peft.svd import to_lora as svd_to_lora
-
-    if not isinstance(spec, (LoraSpec, DoraSpec, IA3Spec)):
+    if not method_for(spec).weight_delta:
         raise ValueError(f"to_lora: {type(spec).__name__} is not a weight delta (only LoRA, DoRA and IA3 adapters "
                          "convert)")
     merged = merge(params, spec, adapter)

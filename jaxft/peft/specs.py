@@ -12,9 +12,9 @@ Specs are hashable (mappings are stored as sorted tuples of pairs), so they can 
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal, Mapping, Union
+from typing import ClassVar, Literal, Mapping, Union
 
-from jaxft.schema import ConfigError
+from jaxft.errors import ConfigError
 
 Targets = Union[str, tuple[str, ...]]
 Pattern = Union[tuple[tuple[str, float], ...], Mapping[str, float]]
@@ -184,6 +184,7 @@ class BitFitSpec:
     bias the model has)."""
 
     target_modules: Targets = "all"
+    biases_only: ClassVar[bool] = True  # `targets.plan`: only modules that have a bias
 
     def __post_init__(self):
         _freeze_targets(self, "target_modules")

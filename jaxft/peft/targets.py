@@ -163,17 +163,18 @@ def _excluded(spec: Any, name: str) -> bool:
 
 
 def plan(spec: Any, params: dict, where: str | None = None) -> list[ModulePlan]:
-    """Per-module, per-layer decisions of `spec` (LoRA, DoRA, IA3, Houlsby or BitFit) on `params`.
+    """Per-module, per-layer decisions of `spec` on `params`, read from the spec's fields: `target_modules`,
+    `exclude_modules`, `modules_to_save`, `layers_to_transform`, ranks and scales where it has `r` /
+    `rank_pattern` / `alpha_pattern`, `feedforward_modules`, and `biases_only` (only modules with a bias; target
+    'all' = all of them).
 
     Only modules with at least one transformed instance are returned. Raises `ConfigError` when a target matches
     no module (listing the modules that exist) or a layer index is out of range.
     """
-    from jaxft.peft.specs import BitFitSpec, DoraSpec, IA3Spec, LoraSpec
-
     where = where or type(spec).__name__
     modules = linear_modules(params)
     targets = spec.target_modules
-    if isinstance(spec, BitFitSpec):
+    if getattr(spec, "biases_only", False):
         modules = [m for m in modules if m.has_bias]
         if not modules:
             raise ConfigError(f"{where}: the model has no bias terms (BitFit trains only existing biases); use "
@@ -188,7 +189,7 @@ def plan(spec: Any, params: dict, where: str | None = None) -> list[ModulePlan]:
         if bad:
             raise ConfigError(f"{where}.layers_to_transform: layer {bad[0]} is out of range (the model has {num} "
                               "layers)")
-    lowrank = isinstance(spec, (LoraSpec, DoraSpec))
+    lowrank = hasattr(spec, "rank_pattern")
     out = []
     for m in modules:
         n = len(m.names)
@@ -208,7 +209,7 @@ def plan(spec: Any, params: dict, where: str | None = None) -> list[ModulePlan]:
         if lowrank:
             scale = np.array([spec.scaling(int(r), a) if r else 0.0 for r, a in zip(rank, alpha)])
         ff = False
-        if isinstance(spec, IA3Spec):
+        if getattr(spec, "feedforward_modules", None) is not None:
             ff_flags = {_is_feedforward(spec.feedforward_modules, nm) for nm, a in zip(m.names, active) if a}
             if len(ff_flags) > 1:
                 raise ConfigError(f"{where}.feedforward_modules: matches some layers of {m.short} but not others; "

@@ -35,55 +35,54 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 
 
 @jax.custom_vjp
-def lora_product(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
-    """`scale * (x @ a) @ b`: `x[..., in]`, `a[in, r]`, `b[r, out]`, `scale[]`, all in one dtype -> `[..., out]`.
+def lora_branch(x: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
+    """The LoRA branch alone, `scale * (x @ a) @ b`: `x[..., in]`, `a[in, r]`, `b[r, out]`, `scale[]`, all in one
+    dtype -> `[..., out]`. The caller adds it to the base product (with dropout on `x`, or over a composite base);
+    `lora_linear` is the whole layer `x @ w + branch` for a plain base.
 
     A custom VJP: the backward pass computes exactly `g b^T` (once, shared by the gradients of x, a and scale),
-    `x^T (g b^T)`, `(x a)^T g` and `(g b^T) a^T`, contracting the leading axes directly. Plain autodiff of the
-    same einsums made XLA (CPU) spend about 2x the base layer's step time on a [B, T, in] input; this costs a few
-    percent (see benchmarks/peft_overhead.py). Reverse mode only (no `jax.jvp` through a LoRA leaf).
+    `x^T (g b^T)`, `(x a)^T g` and `(g b^T) a^T`, contracting the leading axes directly, because XLA's autodiff of
+    the same einsums is far slower on CPU (benchmarks/RESULTS.md). Reverse mode only (no `jax.jvp` through a LoRA
+    leaf).
     """
     return scale * jnp.einsum("...r,ro->...o", jnp.einsum("...i,ir->...r", x, a), b)
 
 
-def _lora_product_fwd(x, a, b, scale):
+def _lora_branch_fwd(x, a, b, scale):
     xa = jnp.einsum("...i,ir->...r", x, a)
     return scale * jnp.einsum("...r,ro->...o", xa, b), (x, xa, a, b, scale)
 
 
-def _lora_product_bwd(res, g, input_grad=True):
+def _lora_branch_bwd(res, g, input_grad=True):
     x, xa, a, b, scale = res
     g_b = jnp.einsum("...o,ro->...r", g, b)  # g b^T, [..., r]
     g_xa = scale * g_b
     grad_x = jnp.einsum("...r,ir->...i", g_xa, a) if input_grad else None
     # Both weight gradients contract the tokens with the small [..., r] factor on the left, so the big operand is
-    # read in its stored layout (with x^T as the left operand XLA:CPU wrote a transposed copy of x per layer).
+    # read in its stored layout (with x^T as the left operand XLA:CPU writes a transposed copy of x per layer).
     # The barrier keeps XLA from folding the final transpose into the product: folded, the product contracts x's
-    # leading axis, which YNNPACK does not take, and it fell back to Eigen (whose packing of x alone was 1.9% of
-    # the SmolLM2 LoRA step's CPU time by `perf`).
+    # leading axis, which YNNPACK does not take, and falls back to Eigen, which packs x first.
     grad_a = jax.lax.optimization_barrier(jnp.einsum("...r,...i->ri", g_xa, x)).T
     grad_b = scale * jnp.einsum("...r,...o->ro", xa, g)
     grad_scale = jnp.sum(xa * g_b).astype(scale.dtype)  # d/ds of sum(g * s (xa) b) = sum(xa * (g b^T))
     return grad_x, grad_a, grad_b, grad_scale
 
 
-lora_product.defvjp(_lora_product_fwd, _lora_product_bwd)
+lora_branch.defvjp(_lora_branch_fwd, _lora_branch_bwd)
 
 
 @jax.custom_vjp
 def lora_linear(x: jax.Array, w: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
-    """`x @ w + scale * (x @ a) @ b` for a plain base `w[in, out]` (any float dtype; cast to x's): a LoRA layer
-    without dropout. `a`, `b`, `scale` in x's dtype.
+    """The whole LoRA layer `x @ w + scale * (x @ a) @ b` for a plain base `w[in, out]` (any float dtype; cast to
+    x's), without dropout. `a`, `b`, `scale` in x's dtype. (`lora_branch` is the second term alone.)
 
     With more tokens than the weight has rows (forward) or columns (backward), the product runs through the merged
     weight `w + scale * a @ b`, formed in each pass (an `[in, out]` add, r MACs per weight element; not kept, as
     under a scan a kept weight-sized array is a stack), instead of the extra `[tokens, r] @ [r, out]` product
-    (forward) or `[tokens, r] @ [r, in]` product (input gradient) and the add of its `[tokens, .]` output. On a
-    2-core CPU at 2048 tokens each merge made a projection's forward + backward 1.01-1.05x faster (576 x 1536,
-    1536 x 576, 576 x 576, 576 x 192), and the SmolLM2 LoRA train step 1.015x (backward) and 1.029x (forward).
-    Fewer tokens (decoding) keep the factored products, which are then the cheaper ones. The weight gradients are
-    `lora_product`'s. The base's gradient `x^T g` is returned too; XLA drops it when nothing asks for it (a frozen
-    base).
+    (forward) or `[tokens, r] @ [r, in]` product (input gradient) and the add of its `[tokens, .]` output: with
+    many tokens that is the cheaper way (measured in benchmarks/RESULTS.md). Fewer tokens (decoding) keep the
+    factored products, which are then the cheaper ones. The weight gradients are `lora_branch`'s. The base's
+    gradient `x^T g` is returned too; XLA drops it when nothing asks for it (a frozen base).
     """
     return _lora_linear_fwd(x, w, a, b, scale)[0]
 
@@ -111,7 +110,7 @@ def _lora_linear_bwd(res, g):
     x, xa, w, a, b, scale = res
     merge = _tokens(x) > w.shape[1]
     grad_w = jnp.einsum("...i,...o->io", x, g).astype(w.dtype)
-    lora_x, grad_a, grad_b, grad_scale = _lora_product_bwd((x, xa, a, b, scale), g, input_grad=not merge)
+    lora_x, grad_a, grad_b, grad_scale = _lora_branch_bwd((x, xa, a, b, scale), g, input_grad=not merge)
     if merge:
         grad_x = jnp.einsum("...o,io->...i", g, _merged(w, a, b, scale, x.dtype))
     else:
@@ -166,7 +165,7 @@ class Lora(Weight):
             y = lora_linear(x, self.base, a, b, scale)
             return y if bias is None else y + bias.astype(y.dtype)
         y = linear(x, self.base, bias)
-        lora = lora_product(_dropout(x, self.dropout_rate, self.dropout_key), a, b, scale)
+        lora = lora_branch(_dropout(x, self.dropout_rate, self.dropout_key), a, b, scale)
         return y + lora.astype(y.dtype)
 
     def materialize(self) -> jax.Array:
@@ -187,9 +186,8 @@ class Dora(Weight):
     detached from the gradient graph, as the DoRA paper (section 4.3) and peft do. The bias is added after the
     rescaling, unscaled. With dropout in training peft computes `x W + bias + (f - 1) * d(x) W + f * s * (d(x) a) b`
     (the magnitude path sees the dropped input); this does the same. Without dropout it is `f` times the LoRA
-    layer's product (`lora_linear` on a plain base): on a 4-layer SmolLM2-shaped model (batch 4 x 512, r 16, all linear
-    layers) that made the training step 1.1x faster and its scratch memory 796 -> 586 MB, as `x W` is no longer
-    kept apart from the sum.
+    layer's product (`lora_linear` on a plain base): the same sum, without keeping `x W` apart from it (faster and
+    less scratch memory; benchmarks/RESULTS.md).
 
     magnitude `[out]`; active `[]` bool: on an inactive layer `f = 1`, so the layer is the base layer.
     """
@@ -203,14 +201,15 @@ class Dora(Weight):
     dropout_key: jax.Array | None = None
     dropout_rate: float = dataclasses.field(default=0.0, metadata=_STATIC)
 
-    def _lora(self) -> Lora:
+    def lora(self) -> Lora:
+        """The LoRA layer inside (same base and factors, without the magnitude)."""
         return Lora(self.base, self.a, self.b, self.scale)
 
     def factor(self) -> jax.Array:
         """`f = magnitude / ||W + s a b||` per output feature, `[..., out]` fp32, no gradient through the norm; 1 on
         inactive layers."""
         w = materialize(self.base).astype(jnp.float32)
-        norm = jax.lax.stop_gradient(jnp.linalg.norm(w + jax.lax.stop_gradient(self._lora().delta()), axis=-2))
+        norm = jax.lax.stop_gradient(jnp.linalg.norm(w + jax.lax.stop_gradient(self.lora().delta()), axis=-2))
         mag = _freeze_inactive(self.magnitude.astype(jnp.float32), self.active)
         active = _per_layer(self.active, mag.ndim)
         return jnp.where(active, mag / jnp.where(active, norm, 1.0), 1.0)
@@ -219,10 +218,10 @@ class Dora(Weight):
         f = self.factor().astype(x.dtype)
         if self.dropout_key is None or self.dropout_rate == 0.0:
             # base + (f - 1) base + f lora = f (x W + lora): the LoRA layer's own product (`lora_linear`).
-            y = f * self._lora().apply(x, None)
+            y = f * self.lora().apply(x, None)
         else:
             xd = _dropout(x, self.dropout_rate, self.dropout_key)
-            lora = lora_product(xd, self.a.astype(x.dtype), self.b.astype(x.dtype), jnp.asarray(self.scale, x.dtype))
+            lora = lora_branch(xd, self.a.astype(x.dtype), self.b.astype(x.dtype), jnp.asarray(self.scale, x.dtype))
             y = linear(x, self.base, None) + (f - 1) * linear(xd, self.base, None) + f * lora
         if bias is not None:
             y = y + bias.astype(y.dtype)
@@ -230,7 +229,7 @@ class Dora(Weight):
 
     def materialize(self) -> jax.Array:
         w = materialize(self.base)
-        merged = self.factor()[..., None, :] * (w.astype(jnp.float32) + self._lora().delta())
+        merged = self.factor()[..., None, :] * (w.astype(jnp.float32) + self.lora().delta())
         return merged.astype(w.dtype)
 
     @property

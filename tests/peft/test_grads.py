@@ -12,7 +12,15 @@ import pytest
 import jaxft
 from jaxft import peft as jpeft
 
+from hf_models import rel_err
 from tiny_tree import CONFIG, IDS, LINEAR, PARAMS, make_loss as _loss, noisy as _noisy  # noqa: F401
+
+
+# The custom VJPs against JAX's autodiff of the plain einsums, relative to each output's largest entry: 3.9e-6 at most
+# over 8 seeds (lora_linear's gradients, which go through the merged weight; lora_branch 1.2e-6) and 2.5e-7 for the
+# outputs, so 2e-5 and 1e-6 keep 5x and 4x; a 1% scale error in any of them gives 1e-2. (Elementwise rtol/atol, as
+# before, failed at other seeds: near-zero entries carry rounding far above their own size.)
+VJP_TOL, OUT_TOL = 2e-5, 1e-6
 
 
 def _expected_size(spec) -> int:
@@ -77,12 +85,12 @@ def test_only_adapter_entries_train(spec):
 
 
 
-def test_lora_product_custom_vjp_matches_autodiff_of_the_formula():
+def test_lora_branch_custom_vjp_matches_autodiff_of_the_formula():
     """The hand-written backward of `scale * (x a) b` equals JAX's autodiff of the plain einsums (and finite
     differences, via check_grads), for every input including the scale."""
     from jax.test_util import check_grads
 
-    from jaxft.peft.types import lora_product
+    from jaxft.peft.types import lora_branch
 
     k = jax.random.split(jax.random.key(0), 5)
     x, a = jax.random.normal(k[0], (2, 5, 12)), jax.random.normal(k[1], (12, 3))
@@ -93,11 +101,11 @@ def test_lora_product_custom_vjp_matches_autodiff_of_the_formula():
         return s * jnp.einsum("btr,ro->bto", jnp.einsum("bti,ir->btr", x, a), b)
 
     want = jax.vjp(plain, x, a, b, s)[1](g)
-    got = jax.vjp(lora_product, x, a, b, s)[1](g)
+    got = jax.vjp(lora_branch, x, a, b, s)[1](g)
     for u, v in zip(got, want):
-        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(lora_product(x, a, b, s), plain(x, a, b, s), rtol=1e-6)
-    check_grads(lambda *p: jnp.sum(jnp.sin(lora_product(*p))), (x, a, b, s), order=1, modes=("rev",),
+        assert rel_err(u, v) <= VJP_TOL
+    assert rel_err(lora_branch(x, a, b, s), plain(x, a, b, s)) <= OUT_TOL
+    check_grads(lambda *p: jnp.sum(jnp.sin(lora_branch(*p))), (x, a, b, s), order=1, modes=("rev",),
                 atol=2e-2, rtol=2e-2)
 
 
@@ -120,7 +128,7 @@ def test_lora_linear_custom_vjp_matches_autodiff_of_the_formula(lead):  # only (
     want = jax.vjp(plain, x, w, a, b, s)[1](g)
     got = jax.vjp(lora_linear, x, w, a, b, s)[1](g)
     for u, v in zip(got, want):
-        np.testing.assert_allclose(u, v, rtol=1e-5, atol=1e-5)
-    np.testing.assert_allclose(lora_linear(x, w, a, b, s), plain(x, w, a, b, s), rtol=1e-5, atol=1e-6)
+        assert rel_err(u, v) <= VJP_TOL
+    assert rel_err(lora_linear(x, w, a, b, s), plain(x, w, a, b, s)) <= OUT_TOL
     check_grads(lambda *p: jnp.sum(jnp.sin(lora_linear(*p))), (x, w, a, b, s), order=1, modes=("rev",),
                 atol=2e-2, rtol=2e-2)

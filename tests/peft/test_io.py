@@ -7,11 +7,13 @@ import json
 import os
 import shutil
 
+import jax
 import numpy as np
 import pytest
 
 from hf_models import rel_err
 from jaxft import peft as jpeft
+from jaxft.errors import FileFormatError
 from jaxft.schema import ConfigError
 from peft_ref import hf_state, jax_logits, jax_state, randomize, tiny_pair, torch_logits
 
@@ -115,5 +117,28 @@ def test_pickled_weights_are_refused(lora_dir, tmp_path):
     d = tmp_path / "bin"
     shutil.copytree(src, d)
     os.replace(d / "adapter_model.safetensors", d / "adapter_model.bin")
-    with pytest.raises(FileNotFoundError, match="adapter_model.bin"):
+    with pytest.raises(FileFormatError, match="adapter_model.bin"):
         jpeft.load_adapter(str(d), config)
+
+
+def test_auto_peft_model_loads_the_base_named_in_the_config(tmp_path, monkeypatch):
+    """`base_model_name_or_path` is written as given, so peft's `AutoPeftModelForCausalLM` finds a local base
+    directory by it (offline: nothing is looked up on the Hub) and computes jaxft's logits."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    model, config, params = tiny_pair("llama_gqa_tied", tmp_path)
+    base_dir = str(tmp_path / "base_llama_gqa_tied_0")  # where tiny_pair saved the transformers model
+    spec = jpeft.LoraSpec(r=8, alpha=16.0, target_modules=("q_proj", "v_proj", "down_proj"))
+    adapter = _noisy_lora(jpeft.init(spec, config, params, jax.random.key(0)))
+    out = str(tmp_path / "adapter")
+    jpeft.save_adapter(spec, adapter, out, config, base_model_name_or_path=base_dir)
+    with open(os.path.join(out, "adapter_config.json")) as f:
+        assert json.load(f)["base_model_name_or_path"] == base_dir
+    loaded = peft.AutoPeftModelForCausalLM.from_pretrained(out).eval()
+    assert rel_err(torch_logits(loaded), jax_logits(config, jpeft.bind(params, spec, adapter))) <= TOL
+
+
+def _noisy_lora(adapter):
+    """Non-zero B factors (init leaves them zero), so that the adapter changes the logits."""
+    leaves, treedef = jax.tree.flatten(adapter)
+    keys = jax.random.split(jax.random.key(7), len(leaves))
+    return jax.tree.unflatten(treedef, [x + 0.2 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])

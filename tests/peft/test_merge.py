@@ -1,5 +1,5 @@
-"""merge / unmerge: unmerge(merge(W)) gives W back to 1e-6 relative in fp32 (LoRA, rsLoRA, DoRA with the norms
-taken before merging, IA3 with scaled biases), merge keeps the base tree and dtypes (bf16 too), and what cannot be
+"""merge / unmerge: unmerge(merge(W)) gives W back to 2e-6 relative in fp32 (3.5e-7 measured, DoRA) (LoRA, rsLoRA,
+DoRA with the norms taken before merging, IA3 with scaled biases), merge keeps the base tree and dtypes (bf16 too), and what cannot be
 undone is refused by name. (merge itself is compared with peft's merge_and_unload in test_parity_lora.py.)"""
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def test_unmerge_inverts_merge(name):
     back = jpeft.unmerge(merged, spec, adapter, **kw)
     assert jax.tree.structure(back) == jax.tree.structure(PARAMS)
     for got, want in zip(jax.tree.leaves(back), jax.tree.leaves(PARAMS)):
-        assert rel_err(got, want) <= 1e-6
+        assert rel_err(got, want) <= 2e-6  # 3.5e-7 measured (DoRA): 5.7x
     if isinstance(spec, jpeft.IA3Spec):  # output scaling scales the bias as well (peft's merge)
         v = adapter["model"]["layers"]["self_attn"]["k_proj"]["kernel"]["ia3_l"]
         np.testing.assert_allclose(merged["model"]["layers"]["self_attn"]["k_proj"]["bias"],

@@ -1,0 +1,1 @@
+"""One module per PEFT method, each implementing `jaxft.peft.protocol.Method`; `jaxft.peft.registry` lists them."""
