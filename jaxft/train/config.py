@@ -8,8 +8,10 @@ the closest valid key suggested; every check that can run without weights runs b
 from __future__ import annotations
 
 import dataclasses
+import difflib
 from typing import Any, Literal, Mapping
 
+from jaxft import peft
 from jaxft.data.config import DataConfig, data_config_from_dict
 from jaxft.schema import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 from jaxft.train.optim import OptimConfig
@@ -112,12 +114,8 @@ class TrainConfig:
 
 def method_spec(method: Mapping[str, Any]):
     """The typed peft spec of the `method` section (None for full fine-tuning)."""
-    from jaxft import peft
-
     kind = method.get("type", "lora")
     if kind not in METHODS:
-        import difflib
-
         close = difflib.get_close_matches(str(kind), METHODS, n=1)
         hint = f"did you mean '{close[0]}'?" if close else f"choose one of {', '.join(METHODS)}"
         raise ConfigError(f"method.type: unknown method '{kind}'; {hint}")

@@ -4,6 +4,7 @@ when the whole model does not fit in host memory; see `jaxft.train.verify`)."""
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -11,7 +12,10 @@ from typing import Any
 
 import numpy as np
 
+import jaxft
+from jaxft import peft
 from jaxft.schema import to_dict
+from jaxft.train.step import StaticModel, is_prompt_method
 from jaxft.train.verify import plan_verify, probe_logits, verify_adapter, verify_available, verify_merged
 
 __all__ = ["dataset_files", "export_all", "model_card", "sha256", "verify_adapter", "verify_available",
@@ -28,8 +32,6 @@ def sha256(path: str) -> str:
 
 def dataset_files(cfg) -> list[tuple[str, str]]:
     """(path, sha256) of every local data file of the run."""
-    import glob
-
     out = []
     for src in (*cfg.data.train, *cfg.data.eval):
         for p in sorted(glob.glob(src.path)) or [src.path]:
@@ -77,17 +79,13 @@ def _probe(prepared) -> np.ndarray:
     return np.stack([p[:width] for p in probe]).astype(np.int32)
 
 
-def export_all(cfg, model, trainable, frozen, params, tokenizer, prepared, metrics: dict) -> dict[str, Any]:
+def export_all(cfg, model: StaticModel, trainable, frozen, tokenizer, prepared, metrics: dict) -> dict[str, Any]:
     """Write the exports the config asks for, verify each, and return summary entries.
 
     The check of each export loads the whole model into torch when it fits in half of the available host memory,
     else its first layers (export.verify_layers forces the number); the summary's `... verify (checked)` entry and
     the model card say which.
     """
-    import jaxft
-    from jaxft import peft
-    from jaxft.train.step import is_prompt_method
-
     out: dict[str, Any] = {}
     want_verify = cfg.export.verify == "on" or (cfg.export.verify == "auto" and verify_available())
     if cfg.export.verify == "on" and not verify_available():

@@ -1,11 +1,21 @@
-"""`run(cfg)`: supervised fine-tuning end to end — validate, prepare data, load, train, evaluate, export.
+"""A run as named stages a researcher can call one by one; `run(cfg)` calls them in order:
 
-Everything that can be checked without compute is checked first (config, output directory, sequence length,
-data), so a mistake costs seconds, not a compiled model.
+    prep = prepare(cfg)                 # checks, tokenizer, data, model config; writes nothing
+    session = build(prep)               # weights, trainable tree, optimizer
+    restore(prep, session)              # the latest checkpoint, when output_dir holds this run
+    claim(prep, session)                # config.yaml, run.json, checkpoints, metrics: the directory is this run's
+    result = train(prep, session)       # the optimizer steps, evaluations and checkpoints
+    metrics = evaluate(prep, session)   # eval loss and exact match of the current weights
+    export(prep, session, summary)      # adapter / merged directories, each checked against transformers
+
+Everything that can be checked without compute is checked in `prepare`, so a mistake costs seconds, not a compiled
+model, and a refused run leaves its output_dir as it found it.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata as md
 import json
 import math
 import os
@@ -16,17 +26,29 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import yaml
+from tqdm.auto import tqdm
 
-from jaxft.schema import ConfigError
-from jaxft.train.config import TrainConfig, method_spec, resolved_dict
+import jaxft
+from jaxft import peft
+from jaxft.data import Batches
+from jaxft.models.llama import ModelOptions
+from jaxft.train.checkpoint import Checkpointer
+from jaxft.train.config import TrainConfig
+from jaxft.train.evaluate import eval_loss, exact_match, generation_prompts
+from jaxft.train.export import export_all
+from jaxft.train.optim import lr_schedule, make_optimizer, warmup_steps
+from jaxft.train.prepare import Prepared, check_output_dir, prepare, saved_config
+from jaxft.train.report import MetricsWriter, format_summary, plot_curves
+from jaxft.train.signals import StopSignal
+from jaxft.train.step import StaticModel, count_params, make_eval_step, make_train_step
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+__all__ = ["Session", "TrainResult", "build", "check_output_dir", "claim", "evaluate", "export", "prepare", "restore",
+           "run", "train"]
 
 
 def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
     out = {"python": platform.python_version()}
     for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "jaxft"):
         try:
@@ -36,176 +58,163 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
-            if d:
-                return d
-        return None
-    return None if a == b else f"{path} ({a!r} there, {b!r} now)"
-
-
-def check_output_dir(cfg: TrainConfig) -> bool:
-    """True when `output_dir` holds this very run (resume); raise if it holds anything else."""
-    out = cfg.output_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"output_dir {out}: exists and is a file; choose a directory path")
-    if not os.path.exists(out) or not os.listdir(out):
-        return False
-    saved = os.path.join(out, "config.yaml")
-    if not os.path.exists(saved):
-        raise ConfigError(f"output_dir {out}: exists and holds files that are not a jaxft run; choose another "
-                          "output_dir (nothing there is overwritten)")
-    with open(saved) as f:
-        before = yaml.safe_load(f)
-    now = json.loads(json.dumps(resolved_dict(cfg)))
-    diff = _first_difference(before, now)
-    if diff:
-        raise ConfigError(f"output_dir {out}: holds another run (config differs at {diff}); choose another "
-                          "output_dir, or restore that config to resume it")
-    return True
-
-
-def _count(tree: Any) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
 def _stack(batches: list[dict]) -> dict:
     return {k: jnp.asarray(np.stack([b[k] for b in batches])) for k in batches[0]}
 
 
-def _exact_match(model, trainable, frozen, tokenizer, prepared, cfg: TrainConfig) -> float | None:
-    """Exact-match accuracy of greedy generations on the first `eval.generate` eval examples."""
-    from jaxft.generate.greedy import greedy_generate
-    from jaxft.train.step import bound_params, is_prompt_method
+@dataclasses.dataclass
+class Session:
+    """The arrays and the mutable state of a run: `model` (static), `trainable` (what the optimizer updates),
+    `frozen` (the base weights of a PEFT method; None for full fine-tuning), the optimizer and its state, the PRNG key,
+    the train batch iterator and the step reached. `ckpt` and `writer` exist once the run has claimed its
+    output_dir (`claim`)."""
 
-    items = prepared.eval_generation[: cfg.eval.generate]
-    if not items:
-        return None
-    params = bound_params(model, trainable, frozen)
-    extra = {}
-    if is_prompt_method(model.spec):
-        if "prompt_embeddings" in trainable:
-            extra["virtual_tokens"] = trainable["prompt_embeddings"]
-        else:
-            extra["prefix"] = (trainable["prefix_keys"], trainable["prefix_values"])
-    eos = {tokenizer.eos_token_id}
-    eid = model.config.eos_token_id
-    eos |= set(eid) if isinstance(eid, tuple) else ({eid} if eid is not None else set())
-    outs = greedy_generate(model.config, params, [list(p) for p, _ in items], max_new_tokens=cfg.eval.max_new_tokens,
-                           eos_token_ids=sorted(eos), batch_size=cfg.eval.batch_size, options=model.options,
-                           **extra)
-    hits = sum(tokenizer.decode(o, skip_special_tokens=True).strip() == ref.strip() for o, (_, ref) in zip(outs, items))
-    return hits / len(items)
+    model: StaticModel
+    trainable: Any
+    frozen: Any
+    optimizer: optax.GradientTransformation
+    opt_state: Any
+    rng: jax.Array
+    batches: Batches
+    trainable_parameters: int
+    total_parameters: int
+    step: int = 0
+    restored_from: int | None = None
+    ckpt: Checkpointer | None = None
+    writer: MetricsWriter | None = None
+    _train_step: Any = None
+    _eval_step: Any = None
+
+    @property
+    def train_step(self):
+        if self._train_step is None:
+            self._train_step = make_train_step(self.model, self.optimizer)
+        return self._train_step
+
+    @property
+    def eval_step(self):
+        if self._eval_step is None:
+            self._eval_step = make_eval_step(self.model)
+        return self._eval_step
+
+    def state(self) -> dict:
+        """The checkpointed state."""
+        return {"trainable": self.trainable, "opt_state": self.opt_state, "rng": self.rng}
 
 
-def _eval_loss(eval_step, trainable, frozen, prepared, cfg: TrainConfig) -> float | None:
-    total, n = 0.0, 0.0
-    for batch in prepared.eval_batches(cfg.eval.batch_size):
-        ls, k = eval_step(trainable, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
-        total, n = total + float(ls), n + float(k)
-    return total / n if n else None
-
-
-def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Train per `cfg`; returns the summary dict (also written to `<output_dir>/summary.json`)."""
-    from tqdm.auto import tqdm
-
-    import jaxft
-    from jaxft import peft
-    from jaxft.data import prepare
-    from jaxft.models.llama import ModelOptions
-    from jaxft.train.checkpoint import Checkpointer
-    from jaxft.train.optim import make_optimizer
-    from jaxft.train.report import MetricsWriter, format_summary, plot_curves
-    from jaxft.train.signals import StopSignal
-    from jaxft.train.step import Model, is_prompt_method, make_eval_step, make_train_step
-
-    t_start = time.perf_counter()
-    # ---- everything checkable before compute ----
-    resuming = check_output_dir(cfg)
-    spec = method_spec(cfg.method)
-    config = jaxft.load_config(cfg.model.path)
-    n_virtual = getattr(spec, "num_virtual_tokens", 0) if is_prompt_method(spec) else 0
-    config.check_sequence_length(cfg.data.seq_len + n_virtual, "data.seq_len")
-    if is_prompt_method(spec) and cfg.data.packing:
-        raise ConfigError(f"method.type={cfg.method_type} prepends virtual tokens to whole rows: set data.packing=false")
-    tokenizer = jaxft.load_tokenizer(cfg.model.path)
-    prepared = prepare(cfg.data, tokenizer)
-    print(prepared.stats.summary())
-    rows = len(prepared.train_rows)
-    per_step = cfg.train.batch_size * cfg.train.grad_accum
-    total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * rows / per_step))
-
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(json.loads(json.dumps(resolved_dict(cfg))), f, sort_keys=False)
-
-    # ---- model, trainable tree, optimizer ----
-    options = ModelOptions(dtype=_DTYPES[cfg.model.compute_dtype], remat=cfg.model.remat,
+def build(prep: Prepared) -> Session:
+    """Load the weights and build the trainable tree (a fresh adapter, the one of `method.init_from`, or a float32
+    copy of the weights for full fine-tuning), the optimizer and its state."""
+    cfg, spec = prep.cfg, prep.spec
+    options = ModelOptions(dtype=jnp.dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
                            scan_layers=cfg.model.scan_layers)
     config, params = jaxft.load_pretrained(cfg.model.path, dtype=cfg.model.param_dtype)
-    key = jax.random.key(cfg.train.seed)
-    init_key, rng = jax.random.split(key)
+    init_key, rng = jax.random.split(jax.random.key(cfg.train.seed))
     if spec is None:
         trainable, frozen = jax.tree.map(lambda a: a.astype(jnp.float32), params), None
     elif cfg.method.get("init_from"):
         spec, trainable = peft.load_adapter(cfg.method["init_from"], config)
         frozen = params
     else:
-        trainable = peft.init(spec, config, params, init_key, tokenizer=tokenizer)
+        trainable = peft.init(spec, config, params, init_key, tokenizer=prep.tokenizer)
         frozen = params
-    model = Model(config, spec, options)
-    optimizer = make_optimizer(cfg.optim, trainable, total_steps)
+    optimizer = make_optimizer(cfg.optim, trainable, prep.total_steps)
     if spec is not None:
-        import optax
-
         optimizer = optax.chain(optimizer, peft.mask_updates(peft.trainable_mask(spec, frozen, trainable)))
-    opt_state = optimizer.init(trainable)
-    n_trainable, n_total = _count(trainable), _count(params) + (0 if spec is None else _count(trainable))
-    batches = prepared.train_batches(cfg.train.batch_size, cfg.train.seed)
-    run_info = {"seed": cfg.train.seed, "trainable_parameters": n_trainable, "total_parameters": n_total,
-                "total_steps": total_steps, "versions": _versions()}
+    n_trainable = count_params(trainable)
+    n_total = count_params(params) + (0 if spec is None else n_trainable)
+    return Session(StaticModel(config, spec, options), trainable, frozen, optimizer, optimizer.init(trainable), rng,
+                   prep.data.train_batches(cfg.train.batch_size, cfg.train.seed), n_trainable, n_total)
+
+
+def _checkpointer(cfg: TrainConfig) -> Checkpointer:
+    return Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), keep_last=cfg.train.keep_last,
+                        keep_best=cfg.train.keep_best)
+
+
+def restore(prep: Prepared, session: Session) -> int:
+    """Continue from the latest checkpoint when `output_dir` holds this run; returns the step reached (0: none)."""
+    if not prep.resuming:
+        return session.step
+    ckpt = session.ckpt or _checkpointer(prep.cfg)
+    session.ckpt = ckpt
+    if ckpt.latest_step() is None:
+        return session.step
+    state, extra = ckpt.restore(session.state())
+    session.trainable, session.opt_state, session.rng = state["trainable"], state["opt_state"], state["rng"]
+    session.batches.restore(extra["data"])
+    session.step = session.restored_from = int(extra["step"])
+    print(f"resuming {prep.cfg.output_dir} from step {session.step}")
+    return session.step
+
+
+def claim(prep: Prepared, session: Session) -> None:
+    """Make `output_dir` this run's: write config.yaml and run.json, open the checkpoints and the metrics log."""
+    cfg = prep.cfg
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(saved_config(cfg), f, sort_keys=False)
+    run_info = {"seed": cfg.train.seed, "trainable_parameters": session.trainable_parameters,
+                "total_parameters": session.total_parameters, "total_steps": prep.total_steps,
+                "versions": _versions()}
     with open(os.path.join(cfg.output_dir, "run.json"), "w") as f:
         json.dump(run_info, f, indent=2)
+    if session.ckpt is None:
+        session.ckpt = _checkpointer(cfg)
+    if session.writer is None:
+        session.writer = MetricsWriter(cfg.output_dir)
 
-    ckpt = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), keep_last=cfg.train.keep_last,
-                        keep_best=cfg.train.keep_best)
-    step = 0
-    if resuming and ckpt.latest_step() is not None:
-        state, extra = ckpt.restore({"trainable": trainable, "opt_state": opt_state, "rng": rng})
-        trainable, opt_state, rng = state["trainable"], state["opt_state"], state["rng"]
-        batches.restore(extra["data"])
-        step = int(extra["step"])
-        print(f"resuming {cfg.output_dir} from step {step}")
-    writer = MetricsWriter(cfg.output_dir)
-    train_step = make_train_step(model, optimizer)
-    eval_step = make_eval_step(model)
-    summary: dict[str, Any] = {"output_dir": cfg.output_dir, "method": cfg.method_type,
-                               "trainable parameters": f"{n_trainable:,} of {n_total:,}"}
 
-    if cfg.eval.base and cfg.eval.generate and step == 0:
-        t = time.perf_counter()
-        acc = _exact_match(model, trainable, frozen, tokenizer, prepared, cfg)
+def evaluate(prep: Prepared, session: Session, *, loss: bool = True, generate: bool = True) -> dict[str, float]:
+    """`{"eval_loss": ..., "exact_match": ...}` of the current weights (each present when measured)."""
+    cfg, out = prep.cfg, {}
+    if loss:
+        el = eval_loss(session.eval_step, session.trainable, session.frozen, prep.data, cfg.eval.batch_size)
+        if el is not None:
+            out["eval_loss"] = el
+    if generate and cfg.eval.generate:
+        acc = exact_match(session.model, session.trainable, session.frozen, prep.tokenizer,
+                          generation_prompts(prep.data, cfg.eval.generate), max_new_tokens=cfg.eval.max_new_tokens,
+                          batch_size=cfg.eval.batch_size)
         if acc is not None:
-            summary["exact match before"] = acc
-            writer.write(0, "eval", {"exact_match": acc})
-            print(f"base model exact match: {acc:.1%} ({time.perf_counter() - t:.0f} s)")
+            out["exact_match"] = acc
+    return out
 
-    # ---- training ----
+
+@dataclasses.dataclass
+class TrainResult:
+    """How `train` ended: `stopped` ("completed", a signal, or the divergence message), the last logged train
+    metrics, and the time taken."""
+
+    stopped: str
+    last: dict[str, float]
+    train_s: float
+    tokens: float
+    compile_s: float | None
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped == "completed"
+
+
+def train(prep: Prepared, session: Session) -> TrainResult:
+    """Take optimizer steps from `session.step` to the run's total: log, evaluate and checkpoint on schedule; stop
+    on SIGTERM/SIGINT (checkpoint saved) or on a diverging loss (the failed update dropped)."""
+    if session.ckpt is None or session.writer is None:
+        claim(prep, session)
+    cfg, total_steps, ckpt, writer = prep.cfg, prep.total_steps, session.ckpt, session.writer
+    lr_at = lr_schedule(cfg.optim, total_steps)
     stop_reason, smooth_loss, lowest, last = "completed", None, math.inf, {}
     t_train, tokens_seen, compile_s = time.perf_counter(), 0.0, None
-    from jaxft.train.optim import warmup_steps
-
     settle = max(10, warmup_steps(cfg.optim, total_steps))  # divergence is judged after warm-up
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=session.step, desc="train", unit="step", dynamic_ncols=True)
     with StopSignal() as stop:
-        while step < total_steps:
-            micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+        while session.step < total_steps:
+            step = session.step
+            micro = [next(session.batches) for _ in range(cfg.train.grad_accum)]
             t = time.perf_counter()
-            new_trainable, new_opt, m = train_step(trainable, opt_state, frozen, _stack(micro),
-                                                   jax.random.fold_in(rng, step))
+            new_trainable, new_opt, m = session.train_step(session.trainable, session.opt_state, session.frozen,
+                                                           _stack(micro), jax.random.fold_in(session.rng, step))
             loss = float(m["loss"])
             if compile_s is None:
                 compile_s = time.perf_counter() - t
@@ -221,10 +230,11 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                f"saving it (last good checkpoint: step {ckpt.latest_step()}); lower optim.lr or "
                                "raise optim.warmup_steps")
                 break
-            trainable, opt_state, step = new_trainable, new_opt, step + 1
+            session.trainable, session.opt_state, session.step = new_trainable, new_opt, step + 1
+            step = session.step
             smooth_loss = smooth
             tokens_seen += float(m["tokens"])
-            lr = float(make_lr(cfg, total_steps)(step - 1))
+            lr = float(lr_at(step - 1))
             last = {"loss": loss, "lr": lr, "grad_norm": float(m["grad_norm"])}
             elapsed = time.perf_counter() - t_train - (compile_s or 0)
             tps = tokens_seen / elapsed if elapsed > 0 else 0.0
@@ -234,58 +244,76 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                 writer.write(step, "train", dict(last, tokens_per_s=tps))
             metrics = None
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
-                el = _eval_loss(eval_step, trainable, frozen, prepared, cfg)
+                el = evaluate(prep, session, generate=False).get("eval_loss")
                 if el is not None:
                     metrics = {"eval_loss": el}
                     writer.write(step, "eval", {"eval_loss": el, "perplexity": math.exp(min(el, 50))})
             if (cfg.train.save_every and step % cfg.train.save_every == 0) or metrics:
-                ckpt.save(step, {"trainable": trainable, "opt_state": opt_state, "rng": rng},
-                          extra={"step": step, "data": batches.state()}, metrics=metrics)
+                ckpt.save(step, session.state(), extra={"step": step, "data": session.batches.state()},
+                          metrics=metrics)
             if stop.requested:
                 stop_reason = f"{stop.signal_name} received: checkpoint saved at step {step}"
                 break
     bar.close()
-    train_s = time.perf_counter() - t_train
-    final_state = {"trainable": trainable, "opt_state": opt_state, "rng": rng}
-    finished = stop_reason == "completed"
+    return TrainResult(stop_reason, last, time.perf_counter() - t_train, tokens_seen, compile_s)
+
+
+def export(prep: Prepared, session: Session, summary: dict[str, Any]) -> dict[str, Any]:
+    """Write and check the exports the config asks for; returns their summary entries."""
+    return export_all(prep.cfg, session.model, session.trainable, session.frozen, prep.tokenizer, prep.data, summary)
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train per `cfg`; returns the summary dict (also written to `<output_dir>/summary.json`)."""
+    t_start = time.perf_counter()
+    prep = prepare(cfg)
+    print(prep.data.stats.summary())
+    session = build(prep)
+    restore(prep, session)
+    claim(prep, session)
+    summary: dict[str, Any] = {"output_dir": cfg.output_dir, "method": cfg.method_type,
+                               "trainable parameters": f"{session.trainable_parameters:,} of "
+                                                       f"{session.total_parameters:,}"}
+    if cfg.eval.base and cfg.eval.generate and session.step == 0:
+        t = time.perf_counter()
+        acc = evaluate(prep, session, loss=False).get("exact_match")
+        if acc is not None:
+            summary["exact match before"] = acc
+            session.writer.write(0, "eval", {"exact_match": acc})
+            print(f"base model exact match: {acc:.1%} ({time.perf_counter() - t:.0f} s)")
+
+    result = train(prep, session)
     el = None
-    if finished or stop_reason.startswith(("SIG", "SIGTERM")):
-        if finished:
-            el = _eval_loss(eval_step, trainable, frozen, prepared, cfg)
+    if result.finished or result.stopped.startswith("SIG"):
+        if result.finished:
+            el = evaluate(prep, session, generate=False).get("eval_loss")
         metrics = {"eval_loss": el} if el is not None else None
-        ckpt.save(step, final_state, extra={"step": step, "data": batches.state()}, metrics=metrics)
-    ckpt.wait()
-    ckpt.close()
-    summary.update({"stopped": stop_reason, "steps": step, "train time (s)": train_s,
-                    "tokens/s": tokens_seen / max(train_s - (compile_s or 0), 1e-9),
-                    "first step incl. compile (s)": compile_s or 0.0})
-    if last:
-        summary["final train loss"] = last["loss"]
+        session.ckpt.save(session.step, session.state(), extra={"step": session.step,
+                                                                "data": session.batches.state()}, metrics=metrics)
+    session.ckpt.wait()
+    session.ckpt.close()
+    summary.update({"stopped": result.stopped, "steps": session.step, "train time (s)": result.train_s,
+                    "tokens/s": result.tokens / max(result.train_s - (result.compile_s or 0), 1e-9),
+                    "first step incl. compile (s)": result.compile_s or 0.0})
+    if result.last:
+        summary["final train loss"] = result.last["loss"]
     if el is not None:
         summary["eval loss"] = el
         summary["eval perplexity"] = math.exp(min(el, 50))
-        writer.write(step, "eval", {"eval_loss": el, "perplexity": math.exp(min(el, 50))})
-    if finished and cfg.eval.generate:
-        acc = _exact_match(model, trainable, frozen, tokenizer, prepared, cfg)
+        session.writer.write(session.step, "eval", {"eval_loss": el, "perplexity": math.exp(min(el, 50))})
+    if result.finished and cfg.eval.generate:
+        acc = evaluate(prep, session, loss=False).get("exact_match")
         if acc is not None:
             summary["exact match after"] = acc
-            writer.write(step, "eval", {"exact_match": acc})
-    writer.close()
+            session.writer.write(session.step, "eval", {"exact_match": acc})
+    session.writer.close()
     plot = plot_curves(cfg.output_dir)
     if plot:
         summary["curves"] = plot
-    if finished:
-        from jaxft.train.export import export_all
-
-        summary.update(export_all(cfg, model, trainable, frozen, params, tokenizer, prepared, summary))
+    if result.finished:
+        summary.update(export(prep, session, summary))
     summary["wall time (s)"] = time.perf_counter() - t_start
     with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
         json.dump(summary, f, indent=2, default=str)
     print(format_summary(summary))
     return summary
-
-
-def make_lr(cfg: TrainConfig, total_steps: int):
-    from jaxft.train.optim import lr_schedule
-
-    return lr_schedule(cfg.optim, total_steps)

@@ -21,7 +21,7 @@ from hf_models import rel_err
 from jaxft.train import verify
 from jaxft.train.config import method_spec, parse_config
 from jaxft.train.export import export_all
-from jaxft.train.step import Model
+from jaxft.train.step import StaticModel
 
 torch = pytest.importorskip("torch", reason="transformers/peft (torch) are the reference of the export check")
 pytest.importorskip("peft", reason="peft is the reference of the adapter check")
@@ -72,12 +72,12 @@ def _run(tiny, name: str, method: str = "lora", **export):
         adapter = jpeft.init(spec, tiny.config, tiny.params, jax.random.key(1))
         rng = np.random.default_rng(2)  # LoRA's B starts at zero: move every factor
         tiny.adapters[method] = jax.tree.map(lambda x: x + 0.3 * rng.standard_normal(x.shape, np.float32), adapter)
-    return cfg, Model(tiny.config, spec, UNROLLED), tiny.adapters[method], tiny.params
+    return cfg, StaticModel(tiny.config, spec, UNROLLED), tiny.adapters[method], tiny.params
 
 
 def _export(tiny, name: str, method: str = "lora", **export):
     cfg, model, adapter, frozen = _run(tiny, name, method, **export)
-    out = export_all(cfg, model, adapter, frozen, frozen, None, tiny.prepared, {"eval loss": 1.0})
+    out = export_all(cfg, model, adapter, frozen, None, tiny.prepared, {"eval loss": 1.0})
     assert not [f for f in os.listdir(cfg.output_dir) if f.startswith(".jaxft-verify")]  # scratch dirs removed
     return out, cfg, model, adapter, frozen
 

@@ -21,7 +21,7 @@ import jaxft
 from hf_models import hf_tiny, rel_err
 from jaxft import peft
 from jaxft.train.optim import OptimConfig, make_optimizer
-from jaxft.train.step import Model, make_train_step
+from jaxft.train.step import StaticModel, make_train_step
 from trainer_ref import make_batches, torch_train
 
 STEPS, B, T = 20, 2, 16
@@ -45,7 +45,7 @@ def base_dir(tmp_path_factory):
 
 def _jax_train(config, trainable, frozen, spec, batches, lr: float = OPT["lr"], dtype=jnp.float32):
     """jaxft's side, wired as jaxft.train.loop does it; `dtype` is the compute dtype."""
-    model = Model(config, spec, jaxft.ModelOptions(dtype=dtype))
+    model = StaticModel(config, spec, jaxft.ModelOptions(dtype=dtype))
     optimizer = make_optimizer(_optim_config(lr), trainable, STEPS)
     if spec is not None:
         optimizer = optax.chain(optimizer, peft.mask_updates(peft.trainable_mask(spec, frozen, trainable)))
