@@ -14,11 +14,11 @@ from jaxft.train.config import TrainConfig, load_config, parse_config
 from jaxft.train.evaluate import eval_loss, exact_match
 from jaxft.train.loop import Session, TrainResult, build, claim, evaluate, export, restore, run, train
 from jaxft.train.optim import OptimConfig, lr_schedule, make_optimizer
-from jaxft.train.prepare import Prepared, prepare
+from jaxft.train.prepare import Prepared, check, prepare
 from jaxft.train.signals import StopSignal
 from jaxft.train.step import StaticModel, count_params, loss_sum, make_eval_step, make_train_step
 
 __all__ = ["Checkpointer", "OptimConfig", "Prepared", "Session", "StaticModel", "StopSignal", "TrainConfig",
-           "TrainResult", "build", "claim", "count_params", "eval_loss", "evaluate", "exact_match", "export",
+           "TrainResult", "build", "check", "claim", "count_params", "eval_loss", "evaluate", "exact_match", "export",
            "load_config", "loss_sum", "lr_schedule", "make_eval_step", "make_optimizer", "make_train_step",
            "parse_config", "prepare", "restore", "run", "train"]

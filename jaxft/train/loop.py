@@ -3,13 +3,13 @@
     prep = prepare(cfg)                 # checks, tokenizer, data, model config; writes nothing
     session = build(prep)               # weights, trainable tree, optimizer
     restore(prep, session)              # the latest checkpoint, when output_dir holds this run
-    claim(prep, session)                # config.yaml, run.json, checkpoints, metrics: the directory is this run's
-    result = train(prep, session)       # the optimizer steps, evaluations and checkpoints
+    result = train(prep, session)       # claims output_dir, then steps, evaluations and checkpoints
     metrics = evaluate(prep, session)   # eval loss and exact match of the current weights
     export(prep, session, summary)      # adapter / merged directories, each checked against transformers
 
 Everything that can be checked without compute is checked in `prepare`, so a mistake costs seconds, not a compiled
-model, and a refused run leaves its output_dir as it found it.
+model. A run claims its output_dir (config.yaml) only when training starts, so a refused run leaves it usable.
+A finished run run again says so and writes only the exports it lacks.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ from jaxft.models.llama import ModelOptions
 from jaxft.train.checkpoint import Checkpointer
 from jaxft.train.config import TrainConfig
 from jaxft.train.evaluate import eval_loss, exact_match, generation_prompts
-from jaxft.train.export import export_all
+from jaxft.train.export import export_all, requested_exports
 from jaxft.train.optim import lr_schedule, make_optimizer, warmup_steps
 from jaxft.train.prepare import Prepared, check_output_dir, prepare, saved_config
 from jaxft.train.report import MetricsWriter, format_summary, plot_curves
@@ -46,6 +46,8 @@ from jaxft.train.step import StaticModel, count_params, make_eval_step, make_tra
 
 __all__ = ["Session", "TrainResult", "build", "check_output_dir", "claim", "evaluate", "export", "prepare", "restore",
            "run", "train"]
+
+SUMMARY = "summary.json"
 
 
 def _versions() -> dict[str, str]:
@@ -62,12 +64,21 @@ def _stack(batches: list[dict]) -> dict:
     return {k: jnp.asarray(np.stack([b[k] for b in batches])) for k in batches[0]}
 
 
+def _new_progress() -> dict[str, Any]:
+    """The whole run's figures, carried across sessions in each checkpoint's `extra`: seconds in the train loop
+    (`train_s`), in first steps incl. compilation (`compile_s`), in the other steps (`step_s`) and their tokens
+    (`tokens`), in evaluations during training (`eval_s`); the steps where sessions resumed; the base model's scores
+    (`before`); the best eval loss so far and the evaluations since it (early stopping)."""
+    return {"train_s": 0.0, "compile_s": 0.0, "step_s": 0.0, "tokens": 0.0, "eval_s": 0.0, "resumed_at": [],
+            "before": {}, "best_eval": None, "evals_since_best": 0}
+
+
 @dataclasses.dataclass
 class Session:
     """The arrays and the mutable state of a run: `model` (static), `trainable` (what the optimizer updates),
     `frozen` (the base weights of a PEFT method; None for full fine-tuning), the optimizer and its state, the PRNG key,
-    the train batch iterator and the step reached. `ckpt` and `writer` exist once the run has claimed its
-    output_dir (`claim`)."""
+    the train batch iterator, the step reached and the run's figures so far (`progress`). `ckpt` and `writer` exist
+    once the run has claimed its output_dir (`claim`)."""
 
     model: StaticModel
     trainable: Any
@@ -80,6 +91,7 @@ class Session:
     total_parameters: int
     step: int = 0
     restored_from: int | None = None
+    progress: dict[str, Any] = dataclasses.field(default_factory=_new_progress)
     ckpt: Checkpointer | None = None
     writer: MetricsWriter | None = None
     _train_step: Any = None
@@ -101,6 +113,10 @@ class Session:
         """The checkpointed state."""
         return {"trainable": self.trainable, "opt_state": self.opt_state, "rng": self.rng}
 
+    def extra(self) -> dict:
+        """The checkpointed JSON beside it: the step, the data position, the run's figures."""
+        return {"step": self.step, "data": self.batches.state(), "progress": self.progress}
+
 
 def build(prep: Prepared) -> Session:
     """Load the weights and build the trainable tree (a fresh adapter, the one of `method.init_from`, or a float32
@@ -108,6 +124,7 @@ def build(prep: Prepared) -> Session:
     cfg, spec = prep.cfg, prep.spec
     options = ModelOptions(dtype=jnp.dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
                            scan_layers=cfg.model.scan_layers)
+    t = time.perf_counter()
     config, params = jaxft.load_pretrained(cfg.model.path, dtype=cfg.model.param_dtype)
     init_key, rng = jax.random.split(jax.random.key(cfg.train.seed))
     if spec is None:
@@ -123,6 +140,8 @@ def build(prep: Prepared) -> Session:
         optimizer = optax.chain(optimizer, peft.mask_updates(peft.trainable_mask(spec, frozen, trainable)))
     n_trainable = count_params(trainable)
     n_total = count_params(params) + (0 if spec is None else n_trainable)
+    print(f"model: {cfg.model.path} loaded, {n_trainable:,} of {n_total:,} parameters trainable "
+          f"({time.perf_counter() - t:.0f} s)", flush=True)
     return Session(StaticModel(config, spec, options), trainable, frozen, optimizer, optimizer.init(trainable), rng,
                    prep.data.train_batches(cfg.train.batch_size, cfg.train.seed), n_trainable, n_total)
 
@@ -132,24 +151,28 @@ def _checkpointer(cfg: TrainConfig) -> Checkpointer:
                         keep_best=cfg.train.keep_best)
 
 
-def restore(prep: Prepared, session: Session) -> int:
-    """Continue from the latest checkpoint when `output_dir` holds this run; returns the step reached (0: none)."""
+def restore(prep: Prepared, session: Session, step: int | None = None) -> int:
+    """Continue from the latest checkpoint (or checkpoint `step`) when `output_dir` holds this run; returns the step
+    reached (0: nothing to restore)."""
     if not prep.resuming:
         return session.step
-    ckpt = session.ckpt or _checkpointer(prep.cfg)
-    session.ckpt = ckpt
-    if ckpt.latest_step() is None:
+    if session.ckpt is None:
+        session.ckpt = _checkpointer(prep.cfg)
+    if session.ckpt.latest_step() is None:
         return session.step
-    state, extra = ckpt.restore(session.state())
+    state, extra = session.ckpt.restore(session.state(), step)
     session.trainable, session.opt_state, session.rng = state["trainable"], state["opt_state"], state["rng"]
     session.batches.restore(extra["data"])
     session.step = session.restored_from = int(extra["step"])
-    print(f"resuming {prep.cfg.output_dir} from step {session.step}")
+    session.progress = dict(_new_progress(), **extra.get("progress", {}))
+    if step is None:
+        print(f"resuming {prep.cfg.output_dir} from step {session.step}", flush=True)
     return session.step
 
 
 def claim(prep: Prepared, session: Session) -> None:
-    """Make `output_dir` this run's: write config.yaml and run.json, open the checkpoints and the metrics log."""
+    """Make `output_dir` this run's: write config.yaml and run.json, open the checkpoints and the metrics log (cut
+    back to the restored step on a resume)."""
     cfg = prep.cfg
     os.makedirs(cfg.output_dir, exist_ok=True)
     with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
@@ -162,11 +185,14 @@ def claim(prep: Prepared, session: Session) -> None:
     if session.ckpt is None:
         session.ckpt = _checkpointer(cfg)
     if session.writer is None:
-        session.writer = MetricsWriter(cfg.output_dir)
+        if session.restored_from is not None and session.restored_from not in session.progress["resumed_at"]:
+            session.progress["resumed_at"].append(session.restored_from)
+        session.writer = MetricsWriter(cfg.output_dir, report_to=cfg.train.report_to,
+                                       resume_step=session.restored_from)
 
 
 def evaluate(prep: Prepared, session: Session, *, loss: bool = True, generate: bool = True) -> dict[str, float]:
-    """`{"eval_loss": ..., "exact_match": ...}` of the current weights (each present when measured)."""
+    """`{"eval_loss": nats, "exact_match": percent}` of the current weights (each present when measured)."""
     cfg, out = prep.cfg, {}
     if loss:
         el = eval_loss(session.eval_step, session.trainable, session.frozen, prep.data, cfg.eval.batch_size)
@@ -181,31 +207,52 @@ def evaluate(prep: Prepared, session: Session, *, loss: bool = True, generate: b
     return out
 
 
+def _generation_line(prep: Prepared, what: str) -> str:
+    n = len(generation_prompts(prep.data, prep.cfg.eval.generate))
+    return (f"{what}: exact match of greedy generations on {n} eval prompts (up to {prep.cfg.eval.max_new_tokens} "
+            "new tokens each)")
+
+
 @dataclasses.dataclass
 class TrainResult:
-    """How `train` ended: `stopped` ("completed", a signal, or the divergence message), the last logged train
-    metrics, and the time taken."""
+    """How `train` ended: `stopped` ("completed", "completed (early stopping: ...)", a signal, or the divergence
+    message) and the last train metrics logged."""
 
     stopped: str
     last: dict[str, float]
-    train_s: float
-    tokens: float
-    compile_s: float | None
 
     @property
     def finished(self) -> bool:
-        return self.stopped == "completed"
+        return self.stopped.startswith("completed")
+
+
+def _early_stop(cfg: TrainConfig, progress: dict, step: int, el: float) -> str | None:
+    """Update the best eval loss; the stop message when `train.early_stopping_patience` evaluations in a row brought
+    no new best, else None."""
+    best = progress["best_eval"]
+    if best is None or el < best[1]:
+        progress["best_eval"], progress["evals_since_best"] = [step, el], 0
+        return None
+    progress["evals_since_best"] += 1
+    patience = cfg.train.early_stopping_patience
+    if patience and progress["evals_since_best"] >= patience:
+        return (f"completed (early stopping: eval loss {el:.4g} at step {step}, no better than {best[1]:.4g} at step "
+                f"{best[0]} for {patience} evaluation{'s' if patience > 1 else ''})")
+    return None
 
 
 def train(prep: Prepared, session: Session) -> TrainResult:
     """Take optimizer steps from `session.step` to the run's total: log, evaluate and checkpoint on schedule; stop
-    on SIGTERM/SIGINT (checkpoint saved) or on a diverging loss (the failed update dropped)."""
+    on SIGTERM/SIGINT (checkpoint saved), on a diverging loss (the failed update dropped), or early.
+
+    Timing: the first step of a session (compilation) is counted apart; tokens/s is over the other steps' own time,
+    evaluations excluded."""
     if session.ckpt is None or session.writer is None:
         claim(prep, session)
-    cfg, total_steps, ckpt, writer = prep.cfg, prep.total_steps, session.ckpt, session.writer
+    cfg, total_steps, ckpt, writer, progress = prep.cfg, prep.total_steps, session.ckpt, session.writer, session.progress
     lr_at = lr_schedule(cfg.optim, total_steps)
-    stop_reason, smooth_loss, lowest, last = "completed", None, math.inf, {}
-    t_train, tokens_seen, compile_s = time.perf_counter(), 0.0, None
+    stop_reason, smooth_loss, lowest, last, first = "completed", None, math.inf, {}, True
+    t_train = time.perf_counter()
     settle = max(10, warmup_steps(cfg.optim, total_steps))  # divergence is judged after warm-up
     bar = tqdm(total=total_steps, initial=session.step, desc="train", unit="step", dynamic_ncols=True)
     with StopSignal() as stop:
@@ -216,8 +263,7 @@ def train(prep: Prepared, session: Session) -> TrainResult:
             new_trainable, new_opt, m = session.train_step(session.trainable, session.opt_state, session.frozen,
                                                            _stack(micro), jax.random.fold_in(session.rng, step))
             loss = float(m["loss"])
-            if compile_s is None:
-                compile_s = time.perf_counter() - t
+            dt = time.perf_counter() - t
             # diverging: the running average of the loss has risen far above its lowest value (by a factor and by
             # at least one nat, so one noisy batch of a nearly-learned task, 0.02 -> 0.2, does not count)
             smooth = loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * loss
@@ -233,34 +279,141 @@ def train(prep: Prepared, session: Session) -> TrainResult:
             session.trainable, session.opt_state, session.step = new_trainable, new_opt, step + 1
             step = session.step
             smooth_loss = smooth
-            tokens_seen += float(m["tokens"])
+            if first:  # compilation: its time apart, its tokens not in tokens/s
+                progress["compile_s"] += dt
+                first = False
+            else:
+                progress["step_s"] += dt
+                progress["tokens"] += float(m["tokens"])
+            tps = progress["tokens"] / progress["step_s"] if progress["step_s"] > 0 else None
             lr = float(lr_at(step - 1))
             last = {"loss": loss, "lr": lr, "grad_norm": float(m["grad_norm"])}
-            elapsed = time.perf_counter() - t_train - (compile_s or 0)
-            tps = tokens_seen / elapsed if elapsed > 0 else 0.0
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", **({"tok_s": f"{tps:.0f}"} if tps else {}))
             bar.update(1)
             if cfg.train.log_every and (step % cfg.train.log_every == 0 or step == 1):
-                writer.write(step, "train", dict(last, tokens_per_s=tps))
+                writer.write(step, "train", dict(last, **({"tokens_per_s": tps} if tps else {})))
             metrics = None
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
+                t = time.perf_counter()
                 el = evaluate(prep, session, generate=False).get("eval_loss")
+                progress["eval_s"] += time.perf_counter() - t
                 if el is not None:
                     metrics = {"eval_loss": el}
                     writer.write(step, "eval", {"eval_loss": el, "perplexity": math.exp(min(el, 50))})
+                    early = _early_stop(cfg, progress, step, el)
+                    if early:
+                        stop_reason = early
             if (cfg.train.save_every and step % cfg.train.save_every == 0) or metrics:
-                ckpt.save(step, session.state(), extra={"step": step, "data": session.batches.state()},
-                          metrics=metrics)
+                progress["train_s"] += time.perf_counter() - t_train
+                t_train = time.perf_counter()
+                ckpt.save(step, session.state(), extra=session.extra(), metrics=metrics)
+            if stop_reason != "completed":
+                break
             if stop.requested:
                 stop_reason = f"{stop.signal_name} received: checkpoint saved at step {step}"
                 break
     bar.close()
-    return TrainResult(stop_reason, last, time.perf_counter() - t_train, tokens_seen, compile_s)
+    progress["train_s"] += time.perf_counter() - t_train
+    return TrainResult(stop_reason, last)
 
 
-def export(prep: Prepared, session: Session, summary: dict[str, Any]) -> dict[str, Any]:
-    """Write and check the exports the config asks for; returns their summary entries."""
-    return export_all(prep.cfg, session.model, session.trainable, session.frozen, prep.tokenizer, prep.data, summary)
+def export(prep: Prepared, session: Session, summary: dict[str, Any], kinds: list[str] | None = None) -> dict:
+    """Write and check the exports the config asks for (or only `kinds`); returns their summary entries."""
+    return export_all(prep.cfg, session.model, session.trainable, session.frozen, prep.tokenizer, prep.data, summary,
+                      kinds=kinds)
+
+
+def _base_evaluation(prep: Prepared, session: Session) -> None:
+    cfg = prep.cfg
+    if not (cfg.eval.base and cfg.eval.generate and session.step == 0 and prep.data.eval_generation):
+        return
+    print(_generation_line(prep, "base model") + " ...", flush=True)
+    t = time.perf_counter()
+    acc = evaluate(prep, session, loss=False)["exact_match"]
+    session.progress["before"] = {"exact_match": acc}
+    print(f"base model: exact match {acc:.1f}% ({time.perf_counter() - t:.0f} s)", flush=True)
+
+
+def _select_export_step(prep: Prepared, session: Session) -> tuple[int, str]:
+    """Restore the weights `export.checkpoint` asks for; returns (step, why)."""
+    cfg = prep.cfg
+    if cfg.export.checkpoint == "last":
+        return session.step, "export.checkpoint: last (the final step)"
+    scores = session.ckpt.best_steps()
+    if not scores:
+        return session.step, "export.checkpoint: best, but no checkpoint has an eval loss; the final step"
+    best = scores[0]
+    if best != session.step:
+        state, _ = session.ckpt.restore(session.state(), best)
+        session.trainable = state["trainable"]
+    value = session.ckpt.score(best)
+    return best, (f"export.checkpoint: best, the lowest {cfg.export.best_metric} ({value:.4g}) of the kept "
+                  "checkpoints (lower is better)")
+
+
+def _summary(prep: Prepared, session: Session, result: TrainResult, final: dict[str, float]) -> dict[str, Any]:
+    """summary.json: numbers as numbers (seconds, percent, nats); `format_summary` formats them for a person."""
+    p = session.progress
+    s: dict[str, Any] = {"output_dir": prep.cfg.output_dir, "method": prep.cfg.method_type,
+                         "stopped": result.stopped, "complete": result.finished, "steps": session.step,
+                         "trainable parameters": session.trainable_parameters,
+                         "total parameters": session.total_parameters}
+    if "exact_match" in p["before"]:
+        s["exact match before (%)"] = p["before"]["exact_match"]
+    if "exact_match" in final:
+        s["exact match after (%)"] = final["exact_match"]
+    if result.last:
+        s["final train loss"] = result.last["loss"]
+    if "eval_loss" in final:
+        s["eval loss"] = final["eval_loss"]
+        s["eval perplexity"] = math.exp(min(final["eval_loss"], 50))
+    s.update({"train time (s)": p["train_s"], "first steps incl. compile (s)": p["compile_s"],
+              "step time (s)": p["step_s"], "eval time in training (s)": p["eval_s"],
+              "tokens/s": p["tokens"] / p["step_s"] if p["step_s"] > 0 else None})
+    if p["resumed_at"]:
+        s["resumed at steps"] = list(p["resumed_at"])
+    return s
+
+
+def _write_summary(cfg: TrainConfig, summary: dict[str, Any]) -> None:
+    with open(os.path.join(cfg.output_dir, SUMMARY), "w") as f:
+        json.dump(summary, f, indent=2)
+
+
+def _completed(prep: Prepared) -> dict[str, Any] | None:
+    """The summary of a finished run in output_dir (None when the run there has not finished)."""
+    path = os.path.join(prep.cfg.output_dir, SUMMARY)
+    if not prep.resuming or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    return summary if summary.get("complete") else None
+
+
+def _export_missing(prep: Prepared, summary: dict[str, Any]) -> dict[str, Any]:
+    """A finished run run again: write the exports it asks for that are not there (from the step exported first),
+    and leave everything else, its figures included, as it was."""
+    cfg = prep.cfg
+    missing = [k for k in requested_exports(cfg, prep.spec) if not os.path.isdir(os.path.join(cfg.output_dir, k))]
+    step = summary.get("exported step", summary.get("steps"))
+    if not missing:
+        print(f"{cfg.output_dir}: this run is complete (step {summary.get('steps')}) and holds every export asked "
+              "for; nothing to do", flush=True)
+        return summary
+    print(f"{cfg.output_dir}: this run is complete (step {summary.get('steps')}); exporting what is missing: "
+          f"{', '.join(missing)} (weights of step {step})", flush=True)
+    session = build(prep)
+    restore(prep, session, step)
+    summary = dict(summary)
+    summary.update(export(prep, session, summary, missing))
+    session.ckpt.close()
+    if "export failed" in summary:
+        summary["stopped"] = f"export check failed: {summary['export failed']}"
+    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:  # the export section now written
+        yaml.safe_dump(saved_config(cfg), f, sort_keys=False)
+    _write_summary(cfg, summary)
+    print(format_summary(summary))
+    return summary
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
@@ -268,52 +421,55 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     prep = prepare(cfg)
     print(prep.data.stats.summary())
+    done = _completed(prep)
+    if done is not None:
+        return _export_missing(prep, done)
     session = build(prep)
     restore(prep, session)
+    _base_evaluation(prep, session)
     claim(prep, session)
-    summary: dict[str, Any] = {"output_dir": cfg.output_dir, "method": cfg.method_type,
-                               "trainable parameters": f"{session.trainable_parameters:,} of "
-                                                       f"{session.total_parameters:,}"}
-    if cfg.eval.base and cfg.eval.generate and session.step == 0:
-        t = time.perf_counter()
-        acc = evaluate(prep, session, loss=False).get("exact_match")
-        if acc is not None:
-            summary["exact match before"] = acc
-            session.writer.write(0, "eval", {"exact_match": acc})
-            print(f"base model exact match: {acc:.1%} ({time.perf_counter() - t:.0f} s)")
+    if session.step == 0 and session.progress["before"]:
+        session.writer.write(0, "eval", session.progress["before"])
 
     result = train(prep, session)
-    el = None
+    final: dict[str, float] = {}
     if result.finished or result.stopped.startswith("SIG"):
         if result.finished:
-            el = evaluate(prep, session, generate=False).get("eval_loss")
-        metrics = {"eval_loss": el} if el is not None else None
-        session.ckpt.save(session.step, session.state(), extra={"step": session.step,
-                                                                "data": session.batches.state()}, metrics=metrics)
+            print("final evaluation: eval loss ...", flush=True)
+            t = time.perf_counter()
+            final = evaluate(prep, session, generate=False)
+            if final:
+                print(f"final evaluation: eval loss {final['eval_loss']:.4g} ({time.perf_counter() - t:.0f} s)")
+        metrics = {"eval_loss": final["eval_loss"]} if final else None
+        # re-saved when the loop saved this step already, so that its eval loss ranks it among the best
+        session.ckpt.save(session.step, session.state(), extra=session.extra(), metrics=metrics,
+                          force=metrics is not None)
     session.ckpt.wait()
-    session.ckpt.close()
-    summary.update({"stopped": result.stopped, "steps": session.step, "train time (s)": result.train_s,
-                    "tokens/s": result.tokens / max(result.train_s - (result.compile_s or 0), 1e-9),
-                    "first step incl. compile (s)": result.compile_s or 0.0})
-    if result.last:
-        summary["final train loss"] = result.last["loss"]
-    if el is not None:
-        summary["eval loss"] = el
-        summary["eval perplexity"] = math.exp(min(el, 50))
-        session.writer.write(session.step, "eval", {"eval_loss": el, "perplexity": math.exp(min(el, 50))})
-    if result.finished and cfg.eval.generate:
-        acc = evaluate(prep, session, loss=False).get("exact_match")
-        if acc is not None:
-            summary["exact match after"] = acc
-            session.writer.write(session.step, "eval", {"exact_match": acc})
+    if "eval_loss" in final:
+        session.writer.write(session.step, "eval", {"eval_loss": final["eval_loss"],
+                                                    "perplexity": math.exp(min(final["eval_loss"], 50))})
+    exported = None
+    if result.finished:
+        exported, why = _select_export_step(prep, session)
+        if cfg.eval.generate and prep.data.eval_generation:
+            print(_generation_line(prep, f"after training (step {exported})") + " ...", flush=True)
+            t = time.perf_counter()
+            final.update(evaluate(prep, session, loss=False))
+            print(f"after training: exact match {final['exact_match']:.1f}% ({time.perf_counter() - t:.0f} s)")
+            session.writer.write(exported, "eval", {"exact_match": final["exact_match"]})
     session.writer.close()
+    session.ckpt.close()
+    summary = _summary(prep, session, result, final)
     plot = plot_curves(cfg.output_dir)
     if plot:
         summary["curves"] = plot
     if result.finished:
+        summary["exported step"] = exported
+        summary["exported because"] = why
         summary.update(export(prep, session, summary))
+        if "export failed" in summary:
+            summary["stopped"] = f"export check failed: {summary['export failed']}"
     summary["wall time (s)"] = time.perf_counter() - t_start
-    with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+    _write_summary(cfg, summary)
     print(format_summary(summary))
     return summary

@@ -1,25 +1,39 @@
-"""What a run shows a person: metrics (JSONL + TensorBoard), the loss curve as a PNG, and the end summary."""
+"""What a run shows a person: metrics (JSONL, TensorBoard, W&B), the curves as a PNG, and the end summary."""
 
 from __future__ import annotations
 
 import json
 import math
 import os
-from typing import Any
+from typing import Any, Sequence
+
+from matplotlib.figure import Figure
+from tensorboardX import SummaryWriter
 
 
 class MetricsWriter:
-    """Append-only `metrics.jsonl` plus TensorBoard events under `<run>/tb`."""
+    """`metrics.jsonl` (the record) plus the trackers of `report_to` ("tensorboard": events under `<run>/tb`).
 
-    def __init__(self, run_dir: str):
+    resume_step: the step a resumed run restored. Rows logged after it by the interrupted process (steps it took after
+    its last checkpoint, which the resumed run takes again) are cut from `metrics.jsonl`, TensorBoard is told to drop
+    its events from step `resume_step + 1` on (`purge_step`), and a `{"kind": "resume"}` row marks the point.
+    None: the run starts at step 0 (the log of an interrupted run that never checkpointed starts over).
+    """
+
+    def __init__(self, run_dir: str, *, report_to: Sequence[str] = ("tensorboard",), resume_step: int | None = None):
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        had_log = os.path.exists(self.path)
+        if resume_step is not None:
+            kept = [r for r in read_metrics(run_dir) if r["step"] <= resume_step]
+            with open(self.path, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept + [{"step": resume_step, "kind": "resume"}])
+        elif had_log:
+            os.remove(self.path)
         self._tb = None
-        try:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(os.path.join(run_dir, "tb"))
-        except ImportError:  # TensorBoard events are a convenience; the JSONL file is the record
-            self._tb = None
+        if "tensorboard" in report_to:
+            # TensorBoard hides earlier events at steps >= purge_step: the replayed ones (all, when starting over)
+            purge = resume_step + 1 if resume_step is not None else (0 if had_log else None)
+            self._tb = SummaryWriter(os.path.join(run_dir, "tb"), purge_step=purge)
 
     def write(self, step: int, kind: str, values: dict[str, float]) -> None:
         row = {"step": step, "kind": kind, **{k: float(v) for k, v in values.items()}}
@@ -33,6 +47,7 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._tb = None
 
 
 def read_metrics(run_dir: str) -> list[dict[str, Any]]:

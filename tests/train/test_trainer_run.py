@@ -17,6 +17,8 @@ import sys
 import pytest
 import yaml
 
+from jaxft.schema import ConfigError
+from jaxft.train import check, load_config
 from jaxft.train.__main__ import main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -100,7 +102,19 @@ def runs(tmp):
     with contextlib.redirect_stdout(out):
         code = main([cfg_b])
     second = subprocess.CompletedProcess([cfg_b], code, out.getvalue(), "")
-    return {"tmp": tmp, "a": a, "b": b, "first": first, "second": second}
+    # run C: killed with SIGKILL once step 5 is logged (checkpoint at step 3), then resumed; it also scores 2 eval
+    # prompts before training, a figure the resumed run must keep
+    c = str(tmp / "run_c")
+    cfg_c = _yaml(tmp, "c", _config(tmp, c, eval={"generate": 2, "max_new_tokens": 2}))
+    killed = subprocess.run([sys.executable, os.path.join(HERE, "trainer_child.py"), cfg_c],
+                            env=dict(_env(), JAXFT_TEST_KILL_AT="5"), cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main([cfg_c])
+    resumed = subprocess.CompletedProcess([cfg_c], code, out.getvalue(), "")
+    return {"tmp": tmp, "a": a, "b": b, "c": c, "first": first, "second": second, "killed": killed,
+            "resumed": resumed}
 
 
 def _steps(run_dir: str) -> dict[int, float]:
@@ -126,7 +140,56 @@ def test_preempted_run_resumes_bitwise(runs):
         adapter_b = f.read()
     assert adapter_a == adapter_b
     summary = json.load(open(os.path.join(runs["b"], "summary.json")))
-    assert summary["steps"] == STEPS and summary["stopped"] == "completed"
+    assert summary["steps"] == STEPS and summary["stopped"] == "completed" and summary["resumed at steps"] == [3]
+
+
+def _tb_scalars(run_dir: str, tag: str) -> dict[int, list[float]]:
+    """step -> values of `tag` as TensorBoard shows them: events files read in order, and a SessionLog START at step
+    s (a writer's purge_step) hides the earlier events at steps >= s, as TensorBoard's loader does."""
+    import glob
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    seen: list[tuple[int, float]] = []
+    for path in sorted(glob.glob(os.path.join(run_dir, "tb", "events.out.tfevents.*"))):
+        data = open(path, "rb").read()
+        pos = 0
+        while pos < len(data):
+            (n,) = struct.unpack("<Q", data[pos:pos + 8])
+            event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + n])
+            pos += 12 + n + 4
+            if event.HasField("session_log") and event.session_log.status == event_pb2.SessionLog.START:
+                seen = [(s, v) for s, v in seen if s < event.step]
+            for value in event.summary.value:
+                if value.tag == tag:
+                    seen.append((event.step, value.simple_value))
+    out: dict[int, list[float]] = {}
+    for step, v in seen:
+        out.setdefault(step, []).append(v)
+    return out
+
+
+def test_killed_run_resumes_without_replayed_logs(runs):
+    """kill -9 after step 5 with the last checkpoint at step 3: the resumed run takes steps 4-6 again; metrics.jsonl
+    and TensorBoard show each step once (the lost steps 4-5 cut), with the losses of the uninterrupted run, a resume
+    mark at step 3, and the summary keeps the base score measured by the killed process."""
+    killed, resumed = runs["killed"], runs["resumed"]
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    assert resumed.returncode == 0 and "from step 3" in resumed.stdout, resumed.stdout[-3000:]
+    rows = [json.loads(line) for line in open(os.path.join(runs["c"], "metrics.jsonl"))]
+    train_steps = [r["step"] for r in rows if r["kind"] == "train"]
+    assert train_steps == list(range(1, STEPS + 1)), train_steps  # fails before: 1 2 3 4 5 4 5 6
+    assert [r["step"] for r in rows if r["kind"] == "resume"] == [3]
+    sa = _steps(runs["a"])
+    assert _steps(runs["c"]) == sa  # the replayed steps are the same steps, bitwise
+    tb = _tb_scalars(runs["c"], "train/loss")
+    assert sorted(tb) == list(range(1, STEPS + 1)) and all(len(v) == 1 for v in tb.values()), tb
+    assert all(abs(tb[s][0] - sa[s]) <= 1e-6 * abs(sa[s]) for s in sa)  # TensorBoard stores float32
+    summary = json.load(open(os.path.join(runs["c"], "summary.json")))
+    assert summary["resumed at steps"] == [3] and summary["steps"] == STEPS
+    assert isinstance(summary["exact match before (%)"], float)  # measured by the killed process, kept
+    assert summary["train time (s)"] >= summary["step time (s)"] + summary["first steps incl. compile (s)"]
 
 
 def test_run_directory_contents(runs):
@@ -223,3 +286,66 @@ def test_diverging_loss_stops_and_keeps_last_good_checkpoint(tmp):
     losses = _steps(out)
     assert all(math.isfinite(v) for v in losses.values())  # the bad step was never logged as a step taken
     assert not os.path.exists(os.path.join(out, "merged"))  # nothing exported from a failed run
+
+
+def test_summary_holds_numbers(runs):
+    summary = json.load(open(os.path.join(runs["a"], "summary.json")))
+    for key, value in summary.items():
+        if key.endswith(("(s)", "(%)", "parameters")) or key in ("tokens/s", "steps", "eval loss", "exported step"):
+            assert isinstance(value, (int, float)) and not isinstance(value, bool), (key, value)
+    assert summary["trainable parameters"] < summary["total parameters"]
+    assert summary["complete"] is True and summary["exported step"] == STEPS
+
+
+def test_refused_run_leaves_output_dir_usable(tmp, capsys):
+    """Refused after the data is read (warm-up longer than the run): nothing is written, and the corrected command
+    is not refused as 'another run' (before: config.yaml was left behind and claimed the directory)."""
+    out = str(tmp / "refused")
+    capsys.readouterr()
+    assert main([_yaml(tmp, "refused", _config(tmp, out, optim={"warmup_steps": 10}))]) == 2
+    line = _error_line(capsys)
+    assert "warmup_steps" in line and "10" in line, line
+    assert not os.path.exists(out)
+    cfg = load_config(_yaml(tmp, "fixed", _config(tmp, out)))
+    assert "valid" in check(cfg) and not os.path.exists(out)
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"optim": {"warmup_steps": 10}}, "optim.warmup_steps"),
+    ({"data": {"train": ["missing.jsonl"]}}, "missing.jsonl"),
+    ({"data": {"eval_size": 40}}, "eval_size=40"),
+    ({"export": {"checkpoint": "best"}}, "train.eval_every"),
+    ({"train": {"early_stopping_patience": 2}}, "train.eval_every"),
+])
+def test_check_catches_without_weights(tmp, change, message):
+    """`check(cfg)` (what --check runs) refuses these before reading any weight, and writes nothing."""
+    out = str(tmp / "checked")
+    cfg = load_config(_yaml(tmp, "checked", _config(tmp, out, **change)))
+    with pytest.raises(ConfigError) as e:
+        check(cfg)
+    assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+    assert not os.path.exists(out)
+
+
+def test_finished_run_run_again_exports_only_what_is_missing(runs, capsys):
+    """Run A again with export.merged added: it says the run is complete, exits 0 and writes merged/ only; the
+    final evaluation is not re-run and summary.json keeps its figures (before: eval and export re-ran, and the
+    summary got a 0.0006 s train time and 0 tokens/s). A third run has nothing to do."""
+    tmp, a = runs["tmp"], runs["a"]
+    before = json.load(open(os.path.join(a, "summary.json")))
+    metrics_before = open(os.path.join(a, "metrics.jsonl")).read()
+    adapter_mtime = os.path.getmtime(os.path.join(a, "adapter", "adapter_model.safetensors"))
+    capsys.readouterr()
+    assert main([_yaml(tmp, "a_merged", _config(tmp, a, export={"merged": True}))]) == 0
+    text = capsys.readouterr().out
+    assert "this run is complete" in text and "merged" in text, text[-2000:]
+    assert os.path.exists(os.path.join(a, "merged", "config.json"))
+    after = json.load(open(os.path.join(a, "summary.json")))
+    for key in ("train time (s)", "tokens/s", "eval loss", "steps", "stopped", "exported step"):
+        assert after[key] == before[key], key
+    assert after["merged"] == os.path.join(a, "merged")
+    assert open(os.path.join(a, "metrics.jsonl")).read() == metrics_before  # no evaluation re-run
+    assert os.path.getmtime(os.path.join(a, "adapter", "adapter_model.safetensors")) == adapter_mtime
+    assert main([_yaml(tmp, "a_merged", _config(tmp, a, export={"merged": True}))]) == 0
+    assert "nothing to do" in capsys.readouterr().out
+    assert json.load(open(os.path.join(a, "summary.json"))) == after
