@@ -11,10 +11,10 @@ or stage by stage (see `jaxft.train.loop`):
 
 from jaxft.train.checkpoint import Checkpointer
 from jaxft.train.config import TrainConfig, load_config, parse_config
-from jaxft.train.evaluate import eval_loss, exact_match
+from jaxft.train.scoring import eval_loss, exact_match
 from jaxft.train.loop import Session, TrainResult, build, claim, evaluate, export, restore, run, train
 from jaxft.train.optim import OptimConfig, lr_schedule, make_optimizer
-from jaxft.train.prepare import Prepared, check, prepare
+from jaxft.train.preflight import Prepared, check, prepare
 from jaxft.train.signals import StopSignal
 from jaxft.train.step import StaticModel, count_params, loss_sum, make_eval_step, make_train_step
 

@@ -36,10 +36,10 @@ from jaxft.data import Batches
 from jaxft.models.llama import ModelOptions
 from jaxft.train.checkpoint import Checkpointer
 from jaxft.train.config import TrainConfig
-from jaxft.train.evaluate import eval_loss, exact_match, generation_prompts
-from jaxft.train.export import export_all, requested_exports
+from jaxft.train.scoring import eval_loss, exact_match, generation_prompts
+from jaxft.train.exports import export_all, requested_exports
 from jaxft.train.optim import lr_schedule, make_optimizer, warmup_steps
-from jaxft.train.prepare import Prepared, check_output_dir, prepare, saved_config
+from jaxft.train.preflight import Prepared, check_output_dir, prepare, saved_config
 from jaxft.train.report import MetricsWriter, format_summary, plot_curves
 from jaxft.train.signals import StopSignal
 from jaxft.train.step import StaticModel, count_params, make_eval_step, make_train_step
@@ -188,7 +188,7 @@ def claim(prep: Prepared, session: Session) -> None:
         if session.restored_from is not None and session.restored_from not in session.progress["resumed_at"]:
             session.progress["resumed_at"].append(session.restored_from)
         session.writer = MetricsWriter(cfg.output_dir, report_to=cfg.train.report_to,
-                                       resume_step=session.restored_from)
+                                       resume_step=session.restored_from, config=saved_config(cfg))
 
 
 def evaluate(prep: Prepared, session: Session, *, loss: bool = True, generate: bool = True) -> dict[str, float]:
@@ -420,7 +420,9 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train per `cfg`; returns the summary dict (also written to `<output_dir>/summary.json`)."""
     t_start = time.perf_counter()
     prep = prepare(cfg)
-    print(prep.data.stats.summary())
+    # the data line counts the prompts that will be scored, not all that could be
+    scored = len(generation_prompts(prep.data, cfg.eval.generate)) if cfg.eval.generate else 0
+    print(dataclasses.replace(prep.data.stats, eval_generation=scored).summary())
     done = _completed(prep)
     if done is not None:
         return _export_missing(prep, done)
@@ -457,7 +459,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             final.update(evaluate(prep, session, loss=False))
             print(f"after training: exact match {final['exact_match']:.1f}% ({time.perf_counter() - t:.0f} s)")
             session.writer.write(exported, "eval", {"exact_match": final["exact_match"]})
-    session.writer.close()
     session.ckpt.close()
     summary = _summary(prep, session, result, final)
     plot = plot_curves(cfg.output_dir)
@@ -471,5 +472,6 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
             summary["stopped"] = f"export check failed: {summary['export failed']}"
     summary["wall time (s)"] = time.perf_counter() - t_start
     _write_summary(cfg, summary)
+    session.writer.close(summary)
     print(format_summary(summary))
     return summary

@@ -20,7 +20,7 @@ from jaxft import peft as jpeft
 from hf_models import rel_err
 from jaxft.train import verify
 from jaxft.train.config import method_spec, parse_config
-from jaxft.train.export import export_all
+from jaxft.train.exports import export_all
 from jaxft.train.step import StaticModel
 
 torch = pytest.importorskip("torch", reason="transformers/peft (torch) are the reference of the export check")

@@ -28,7 +28,7 @@ def generation_prompts(data, limit: int) -> list:
 
 def exact_match(model: StaticModel, trainable: Any, frozen: Any, tokenizer, items: list, *, max_new_tokens: int,
                 batch_size: int) -> float | None:
-    """Fraction of `items` (`(prompt_ids, reference)` pairs) whose greedy generation, decoded without special
+    """Percentage (0-100) of `items` (`(prompt_ids, reference)` pairs) whose greedy generation, decoded without special
     tokens and stripped, equals the stripped reference; None when there is no item."""
     if not items:
         return None
@@ -46,4 +46,4 @@ def exact_match(model: StaticModel, trainable: Any, frozen: Any, tokenizer, item
                            eos_token_ids=sorted(e for e in eos if e is not None), batch_size=batch_size,
                            options=model.options, **extra)
     hits = sum(tokenizer.decode(o, skip_special_tokens=True).strip() == ref.strip() for o, (_, ref) in zip(outs, items))
-    return hits / len(items)
+    return 100.0 * hits / len(items)
