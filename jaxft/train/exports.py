@@ -5,6 +5,7 @@ when the whole model does not fit in host memory; see `jaxft.train.verify`)."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import glob
 import hashlib
 import io
@@ -14,6 +15,7 @@ import time
 import warnings
 from typing import Any
 
+import jax.numpy as jnp
 import numpy as np
 
 import jaxft
@@ -98,7 +100,7 @@ def verify_tolerance(cfg) -> float:
     """export.verify_tolerance, or its default for the run's compute dtype."""
     if cfg.export.verify_tolerance is not None:
         return cfg.export.verify_tolerance
-    return 1e-4 if cfg.model.compute_dtype == "float32" else 5e-2
+    return 1e-4 if cfg.model.param_dtype == "float32" else 5e-2
 
 
 @contextlib.contextmanager
@@ -142,9 +144,13 @@ def export_all(cfg, model: StaticModel, trainable, frozen, tokenizer, prepared, 
     cache: dict[int | None, np.ndarray] = {}
     failed = []
 
+    # jaxft's side computes in float32 whatever the run's compute dtype: the check is about the files, and a bf16
+    # forward against torch's fp32 one would measure bf16 rounding instead
+    probe_model = dataclasses.replace(model, options=dataclasses.replace(model.options, dtype=jnp.float32))
+
     def logits(layers: int | None) -> np.ndarray:
         if layers not in cache:
-            cache[layers] = probe_logits(model, trainable, frozen, ids, layers)
+            cache[layers] = probe_logits(probe_model, trainable, frozen, ids, layers)
         return cache[layers]
 
     def judge(kind: str, err: float, plan) -> str:

@@ -255,6 +255,7 @@ def train(prep: Prepared, session: Session) -> TrainResult:
     t_train = time.perf_counter()
     settle = max(10, warmup_steps(cfg.optim, total_steps))  # divergence is judged after warm-up
     bar = tqdm(total=total_steps, initial=session.step, desc="train", unit="step", dynamic_ncols=True)
+    bar.set_postfix_str("compiling the train step")
     with StopSignal() as stop:
         while session.step < total_steps:
             step = session.step

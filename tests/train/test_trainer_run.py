@@ -1,6 +1,9 @@
 """End to end through `python -m jaxft.train` on a tiny random Llama (SmolLM2's tokenizer, hidden 32) and a tiny
-chat JSONL: preemption + resume is bitwise exact, mistakes are one-line errors before any compute, and a run
-directory holds what it promises (config.yaml, run.json, metrics.jsonl, curves.png, summary.json, the adapter).
+chat JSONL: preemption (SIGTERM) and kill -9 + resume are bitwise exact and log each step once, a finished run run
+again only adds missing exports, mistakes are one-line errors before any compute that leave output_dir unclaimed,
+init_from takes the file's structure, a failed export check fails the run, the best checkpoint is exported with
+early stopping, tokens/s excludes compilation and evaluations, metrics reach TensorBoard and W&B (offline), and a
+run directory holds what it promises (config.yaml, run.json, metrics.jsonl, curves.png, summary.json, the adapter).
 """
 
 from __future__ import annotations
@@ -419,7 +422,7 @@ def test_failed_export_check_fails_the_run(tmp, monkeypatch):
                                                           export={"merged": True, "verify": "on"}))
     assert code == 1, text[-3000:]
     assert summary["stopped"].startswith("export check failed: merged") and "adapter" not in summary["stopped"]
-    assert summary["merged verify (rel. err)"] > 1e-3 and summary["adapter verify (rel. err)"] < 1e-5
+    assert summary["merged verify (rel. err)"] > 1e-3 and summary["adapter verify (rel. err)"] < 1e-4  # the bound
     assert "ABOVE the tolerance" in open(os.path.join(out, "merged", "README.md")).read()
 
 
