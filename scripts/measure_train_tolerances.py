@@ -15,7 +15,6 @@ import argparse
 import os
 import sys
 import tempfile
-import types
 
 import numpy as np
 
@@ -35,7 +34,7 @@ def optim(seeds: int) -> None:
                 np.float32), tree) for _ in range(t.STEPS)]
             ours, ref = t._jax_run(tree, grads, cfg, t.STEPS), t._torch_run(tree, grads, cfg, lr_lambda)
             worst = max(worst, max(np.max(np.abs(ours[n] - ref[n])) / np.max(np.abs(ref[n])) for n in ref))
-        print(f"optim {case}: max relative param error {worst:.2e} (test bound 1e-6)", flush=True)
+        print(f"optim {case}: max relative param error {worst:.2e} ", flush=True)
 
 
 def parity(seeds: int) -> None:
@@ -102,7 +101,6 @@ def parity(seeds: int) -> None:
 
 def export_check(seeds: int) -> None:
     import jax
-    import pytest
 
     import test_export_verify as t
 
@@ -129,8 +127,7 @@ def export_check(seeds: int) -> None:
                         key = f"{method} {kind} {'all' if layers is None else 'first 2'} layers"
                         worst[key] = max(worst.get(key, 0.0), out[f"{kind} verify (rel. err)"])
     for name, value in sorted(worst.items()):
-        print(f"export check {name}: max relative logit error {value:.2e} (test bound 1e-5)", flush=True)
-    del pytest
+        print(f"export check {name}: max relative logit error {value:.2e}", flush=True)
 
 
 if __name__ == "__main__":

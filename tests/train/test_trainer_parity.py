@@ -10,8 +10,6 @@ decay (not on norms) and global-norm clipping that bites, so every part of the o
 
 from __future__ import annotations
 
-import os
-
 import jax
 import jax.numpy as jnp
 import numpy as np
