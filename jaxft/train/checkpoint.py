@@ -199,6 +199,10 @@ class Checkpointer:
         ranked = sorted(self._scores, key=self._scores.get, reverse=self.best_mode == "max")
         return ranked[: self.keep_best]
 
+    def score(self, step: int) -> float | None:
+        """The `best_metric` value checkpoint `step` was saved with (None: none, or not kept)."""
+        return self._scores.get(step)
+
     def restore(self, state_like: PyTree, step: int | None = None) -> tuple[PyTree, dict]:
         """Reads checkpoint `step` (the latest if None) into the structure, dtypes and shardings of `state_like`.
 

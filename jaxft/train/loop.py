@@ -1,11 +1,21 @@
-"""`run(cfg)`: supervised fine-tuning end to end — validate, prepare data, load, train, evaluate, export.
+"""A run as named stages a researcher can call one by one; `run(cfg)` calls them in order:
 
-Everything that can be checked without compute is checked first (config, output directory, sequence length,
-data), so a mistake costs seconds, not a compiled model.
+    prep = prepare(cfg)                 # checks, tokenizer, data, model config; writes nothing
+    session = build(prep)               # weights, trainable tree, optimizer
+    restore(prep, session)              # the latest checkpoint, when output_dir holds this run
+    result = train(prep, session)       # claims output_dir, then steps, evaluations and checkpoints
+    metrics = evaluate(prep, session)   # eval loss and exact match of the current weights
+    export(prep, session, summary)      # adapter / merged directories, each checked against transformers
+
+Everything that can be checked without compute is checked in `prepare`, so a mistake costs seconds, not a compiled
+model. A run claims its output_dir (config.yaml) only when training starts, so a refused run leaves it usable.
+A finished run run again says so and writes only the exports it lacks.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.metadata as md
 import json
 import math
 import os
@@ -16,17 +26,31 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import yaml
+from tqdm.auto import tqdm
 
-from jaxft.schema import ConfigError
-from jaxft.train.config import TrainConfig, method_spec, resolved_dict
+import jaxft
+from jaxft import peft
+from jaxft.data import Batches
+from jaxft.models.llama import ModelOptions
+from jaxft.train.checkpoint import Checkpointer
+from jaxft.train.config import TrainConfig
+from jaxft.train.scoring import eval_loss, exact_match, generation_prompts
+from jaxft.train.exports import export_all, requested_exports
+from jaxft.train.optim import lr_schedule, make_optimizer, warmup_steps
+from jaxft.train.preflight import Prepared, check_output_dir, prepare, saved_config
+from jaxft.train.report import MetricsWriter, format_summary, plot_curves
+from jaxft.train.signals import StopSignal
+from jaxft.train.step import StaticModel, count_params, make_eval_step, make_train_step
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+__all__ = ["Session", "TrainResult", "build", "check_output_dir", "claim", "evaluate", "export", "prepare", "restore",
+           "run", "train"]
+
+SUMMARY = "summary.json"
 
 
 def _versions() -> dict[str, str]:
-    import importlib.metadata as md
-
     out = {"python": platform.python_version()}
     for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "jaxft"):
         try:
@@ -36,179 +60,211 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _first_difference(a: Any, b: Any, path: str = "") -> str | None:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(set(a) | set(b)):
-            d = _first_difference(a.get(k), b.get(k), f"{path}.{k}" if path else str(k))
-            if d:
-                return d
-        return None
-    return None if a == b else f"{path} ({a!r} there, {b!r} now)"
-
-
-def check_output_dir(cfg: TrainConfig) -> bool:
-    """True when `output_dir` holds this very run (resume); raise if it holds anything else."""
-    out = cfg.output_dir
-    if os.path.exists(out) and not os.path.isdir(out):
-        raise ConfigError(f"output_dir {out}: exists and is a file; choose a directory path")
-    if not os.path.exists(out) or not os.listdir(out):
-        return False
-    saved = os.path.join(out, "config.yaml")
-    if not os.path.exists(saved):
-        raise ConfigError(f"output_dir {out}: exists and holds files that are not a jaxft run; choose another "
-                          "output_dir (nothing there is overwritten)")
-    with open(saved) as f:
-        before = yaml.safe_load(f)
-    now = json.loads(json.dumps(resolved_dict(cfg)))
-    diff = _first_difference(before, now)
-    if diff:
-        raise ConfigError(f"output_dir {out}: holds another run (config differs at {diff}); choose another "
-                          "output_dir, or restore that config to resume it")
-    return True
-
-
-def _count(tree: Any) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
 def _stack(batches: list[dict]) -> dict:
     return {k: jnp.asarray(np.stack([b[k] for b in batches])) for k in batches[0]}
 
 
-def _exact_match(model, trainable, frozen, tokenizer, prepared, cfg: TrainConfig) -> float | None:
-    """Exact-match accuracy of greedy generations on the first `eval.generate` eval examples."""
-    from jaxft.generate.greedy import greedy_generate
-    from jaxft.train.step import bound_params, is_prompt_method
-
-    items = prepared.eval_generation[: cfg.eval.generate]
-    if not items:
-        return None
-    params = bound_params(model, trainable, frozen)
-    extra = {}
-    if is_prompt_method(model.spec):
-        if "prompt_embeddings" in trainable:
-            extra["virtual_tokens"] = trainable["prompt_embeddings"]
-        else:
-            extra["prefix"] = (trainable["prefix_keys"], trainable["prefix_values"])
-    eos = {tokenizer.eos_token_id}
-    eid = model.config.eos_token_id
-    eos |= set(eid) if isinstance(eid, tuple) else ({eid} if eid is not None else set())
-    outs = greedy_generate(model.config, params, [list(p) for p, _ in items], max_new_tokens=cfg.eval.max_new_tokens,
-                           eos_token_ids=sorted(eos), batch_size=cfg.eval.batch_size, options=model.options,
-                           **extra)
-    hits = sum(tokenizer.decode(o, skip_special_tokens=True).strip() == ref.strip() for o, (_, ref) in zip(outs, items))
-    return hits / len(items)
+def _new_progress() -> dict[str, Any]:
+    """The whole run's figures, carried across sessions in each checkpoint's `extra`: seconds in the train loop
+    (`train_s`), in first steps incl. compilation (`compile_s`), in the other steps (`step_s`) and their tokens
+    (`tokens`), in evaluations during training (`eval_s`); the steps where sessions resumed; the base model's scores
+    (`before`); the best eval loss so far and the evaluations since it (early stopping)."""
+    return {"train_s": 0.0, "compile_s": 0.0, "step_s": 0.0, "tokens": 0.0, "eval_s": 0.0, "resumed_at": [],
+            "before": {}, "best_eval": None, "evals_since_best": 0}
 
 
-def _eval_loss(eval_step, trainable, frozen, prepared, cfg: TrainConfig) -> float | None:
-    total, n = 0.0, 0.0
-    for batch in prepared.eval_batches(cfg.eval.batch_size):
-        ls, k = eval_step(trainable, frozen, {k: jnp.asarray(v) for k, v in batch.items()})
-        total, n = total + float(ls), n + float(k)
-    return total / n if n else None
+@dataclasses.dataclass
+class Session:
+    """The arrays and the mutable state of a run: `model` (static), `trainable` (what the optimizer updates),
+    `frozen` (the base weights of a PEFT method; None for full fine-tuning), the optimizer and its state, the PRNG key,
+    the train batch iterator, the step reached and the run's figures so far (`progress`). `ckpt` and `writer` exist
+    once the run has claimed its output_dir (`claim`)."""
+
+    model: StaticModel
+    trainable: Any
+    frozen: Any
+    optimizer: optax.GradientTransformation
+    opt_state: Any
+    rng: jax.Array
+    batches: Batches
+    trainable_parameters: int
+    total_parameters: int
+    step: int = 0
+    restored_from: int | None = None
+    progress: dict[str, Any] = dataclasses.field(default_factory=_new_progress)
+    ckpt: Checkpointer | None = None
+    writer: MetricsWriter | None = None
+    _train_step: Any = None
+    _eval_step: Any = None
+
+    @property
+    def train_step(self):
+        if self._train_step is None:
+            self._train_step = make_train_step(self.model, self.optimizer)
+        return self._train_step
+
+    @property
+    def eval_step(self):
+        if self._eval_step is None:
+            self._eval_step = make_eval_step(self.model)
+        return self._eval_step
+
+    def state(self) -> dict:
+        """The checkpointed state."""
+        return {"trainable": self.trainable, "opt_state": self.opt_state, "rng": self.rng}
+
+    def extra(self) -> dict:
+        """The checkpointed JSON beside it: the step, the data position, the run's figures."""
+        return {"step": self.step, "data": self.batches.state(), "progress": self.progress}
 
 
-def run(cfg: TrainConfig) -> dict[str, Any]:
-    """Train per `cfg`; returns the summary dict (also written to `<output_dir>/summary.json`)."""
-    from tqdm.auto import tqdm
-
-    import jaxft
-    from jaxft import peft
-    from jaxft.data import prepare
-    from jaxft.models.llama import ModelOptions
-    from jaxft.train.checkpoint import Checkpointer
-    from jaxft.train.optim import make_optimizer
-    from jaxft.train.report import MetricsWriter, format_summary, plot_curves
-    from jaxft.train.signals import StopSignal
-    from jaxft.train.step import Model, is_prompt_method, make_eval_step, make_train_step
-
-    t_start = time.perf_counter()
-    # ---- everything checkable before compute ----
-    resuming = check_output_dir(cfg)
-    spec = method_spec(cfg.method)
-    config = jaxft.load_config(cfg.model.path)
-    n_virtual = getattr(spec, "num_virtual_tokens", 0) if is_prompt_method(spec) else 0
-    config.check_sequence_length(cfg.data.seq_len + n_virtual, "data.seq_len")
-    if is_prompt_method(spec) and cfg.data.packing:
-        raise ConfigError(f"method.type={cfg.method_type} prepends virtual tokens to whole rows: set data.packing=false")
-    tokenizer = jaxft.load_tokenizer(cfg.model.path)
-    prepared = prepare(cfg.data, tokenizer)
-    print(prepared.stats.summary())
-    rows = len(prepared.train_rows)
-    per_step = cfg.train.batch_size * cfg.train.grad_accum
-    total_steps = cfg.train.steps or max(1, math.ceil(cfg.train.epochs * rows / per_step))
-
-    os.makedirs(cfg.output_dir, exist_ok=True)
-    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(json.loads(json.dumps(resolved_dict(cfg))), f, sort_keys=False)
-
-    # ---- model, trainable tree, optimizer ----
-    options = ModelOptions(dtype=_DTYPES[cfg.model.compute_dtype], remat=cfg.model.remat,
+def build(prep: Prepared) -> Session:
+    """Load the weights and build the trainable tree (a fresh adapter, the one of `method.init_from`, or a float32
+    copy of the weights for full fine-tuning), the optimizer and its state."""
+    cfg, spec = prep.cfg, prep.spec
+    options = ModelOptions(dtype=jnp.dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
                            scan_layers=cfg.model.scan_layers)
+    t = time.perf_counter()
     config, params = jaxft.load_pretrained(cfg.model.path, dtype=cfg.model.param_dtype)
-    key = jax.random.key(cfg.train.seed)
-    init_key, rng = jax.random.split(key)
+    init_key, rng = jax.random.split(jax.random.key(cfg.train.seed))
     if spec is None:
         trainable, frozen = jax.tree.map(lambda a: a.astype(jnp.float32), params), None
     elif cfg.method.get("init_from"):
         spec, trainable = peft.load_adapter(cfg.method["init_from"], config)
         frozen = params
     else:
-        trainable = peft.init(spec, config, params, init_key, tokenizer=tokenizer)
+        trainable = peft.init(spec, config, params, init_key, tokenizer=prep.tokenizer)
         frozen = params
-    model = Model(config, spec, options)
-    optimizer = make_optimizer(cfg.optim, trainable, total_steps)
+    optimizer = make_optimizer(cfg.optim, trainable, prep.total_steps)
     if spec is not None:
-        import optax
-
         optimizer = optax.chain(optimizer, peft.mask_updates(peft.trainable_mask(spec, frozen, trainable)))
-    opt_state = optimizer.init(trainable)
-    n_trainable, n_total = _count(trainable), _count(params) + (0 if spec is None else _count(trainable))
-    batches = prepared.train_batches(cfg.train.batch_size, cfg.train.seed)
-    run_info = {"seed": cfg.train.seed, "trainable_parameters": n_trainable, "total_parameters": n_total,
-                "total_steps": total_steps, "versions": _versions()}
+    n_trainable = count_params(trainable)
+    n_total = count_params(params) + (0 if spec is None else n_trainable)
+    print(f"model: {cfg.model.path} loaded, {n_trainable:,} of {n_total:,} parameters trainable "
+          f"({time.perf_counter() - t:.0f} s)", flush=True)
+    return Session(StaticModel(config, spec, options), trainable, frozen, optimizer, optimizer.init(trainable), rng,
+                   prep.data.train_batches(cfg.train.batch_size, cfg.train.seed), n_trainable, n_total)
+
+
+def _checkpointer(cfg: TrainConfig) -> Checkpointer:
+    return Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), keep_last=cfg.train.keep_last,
+                        keep_best=cfg.train.keep_best)
+
+
+def restore(prep: Prepared, session: Session, step: int | None = None) -> int:
+    """Continue from the latest checkpoint (or checkpoint `step`) when `output_dir` holds this run; returns the step
+    reached (0: nothing to restore)."""
+    if not prep.resuming:
+        return session.step
+    if session.ckpt is None:
+        session.ckpt = _checkpointer(prep.cfg)
+    if session.ckpt.latest_step() is None:
+        return session.step
+    state, extra = session.ckpt.restore(session.state(), step)
+    session.trainable, session.opt_state, session.rng = state["trainable"], state["opt_state"], state["rng"]
+    session.batches.restore(extra["data"])
+    session.step = session.restored_from = int(extra["step"])
+    session.progress = dict(_new_progress(), **extra.get("progress", {}))
+    if step is None:
+        print(f"resuming {prep.cfg.output_dir} from step {session.step}", flush=True)
+    return session.step
+
+
+def claim(prep: Prepared, session: Session) -> None:
+    """Make `output_dir` this run's: write config.yaml and run.json, open the checkpoints and the metrics log (cut
+    back to the restored step on a resume)."""
+    cfg = prep.cfg
+    os.makedirs(cfg.output_dir, exist_ok=True)
+    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump(saved_config(cfg), f, sort_keys=False)
+    run_info = {"seed": cfg.train.seed, "trainable_parameters": session.trainable_parameters,
+                "total_parameters": session.total_parameters, "total_steps": prep.total_steps,
+                "versions": _versions()}
     with open(os.path.join(cfg.output_dir, "run.json"), "w") as f:
         json.dump(run_info, f, indent=2)
+    if session.ckpt is None:
+        session.ckpt = _checkpointer(cfg)
+    if session.writer is None:
+        if session.restored_from is not None and session.restored_from not in session.progress["resumed_at"]:
+            session.progress["resumed_at"].append(session.restored_from)
+        session.writer = MetricsWriter(cfg.output_dir, report_to=cfg.train.report_to,
+                                       resume_step=session.restored_from, config=saved_config(cfg))
 
-    ckpt = Checkpointer(os.path.join(cfg.output_dir, "checkpoints"), keep_last=cfg.train.keep_last,
-                        keep_best=cfg.train.keep_best)
-    step = 0
-    if resuming and ckpt.latest_step() is not None:
-        state, extra = ckpt.restore({"trainable": trainable, "opt_state": opt_state, "rng": rng})
-        trainable, opt_state, rng = state["trainable"], state["opt_state"], state["rng"]
-        batches.restore(extra["data"])
-        step = int(extra["step"])
-        print(f"resuming {cfg.output_dir} from step {step}")
-    writer = MetricsWriter(cfg.output_dir)
-    train_step = make_train_step(model, optimizer)
-    eval_step = make_eval_step(model)
-    summary: dict[str, Any] = {"output_dir": cfg.output_dir, "method": cfg.method_type,
-                               "trainable parameters": f"{n_trainable:,} of {n_total:,}"}
 
-    if cfg.eval.base and cfg.eval.generate and step == 0:
-        t = time.perf_counter()
-        acc = _exact_match(model, trainable, frozen, tokenizer, prepared, cfg)
+def evaluate(prep: Prepared, session: Session, *, loss: bool = True, generate: bool = True) -> dict[str, float]:
+    """`{"eval_loss": nats, "exact_match": percent}` of the current weights (each present when measured)."""
+    cfg, out = prep.cfg, {}
+    if loss:
+        el = eval_loss(session.eval_step, session.trainable, session.frozen, prep.data, cfg.eval.batch_size)
+        if el is not None:
+            out["eval_loss"] = el
+    if generate and cfg.eval.generate:
+        acc = exact_match(session.model, session.trainable, session.frozen, prep.tokenizer,
+                          generation_prompts(prep.data, cfg.eval.generate), max_new_tokens=cfg.eval.max_new_tokens,
+                          batch_size=cfg.eval.batch_size)
         if acc is not None:
-            summary["exact match before"] = acc
-            writer.write(0, "eval", {"exact_match": acc})
-            print(f"base model exact match: {acc:.1%} ({time.perf_counter() - t:.0f} s)")
+            out["exact_match"] = acc
+    return out
 
-    # ---- training ----
-    stop_reason, smooth_loss, lowest, last = "completed", None, math.inf, {}
-    t_train, tokens_seen, compile_s = time.perf_counter(), 0.0, None
-    from jaxft.train.optim import warmup_steps
 
+def _generation_line(prep: Prepared, what: str) -> str:
+    n = len(generation_prompts(prep.data, prep.cfg.eval.generate))
+    return (f"{what}: exact match of greedy generations on {n} eval prompts (up to {prep.cfg.eval.max_new_tokens} "
+            "new tokens each)")
+
+
+@dataclasses.dataclass
+class TrainResult:
+    """How `train` ended: `stopped` ("completed", "completed (early stopping: ...)", a signal, or the divergence
+    message) and the last train metrics logged."""
+
+    stopped: str
+    last: dict[str, float]
+
+    @property
+    def finished(self) -> bool:
+        return self.stopped.startswith("completed")
+
+
+def _early_stop(cfg: TrainConfig, progress: dict, step: int, el: float) -> str | None:
+    """Update the best eval loss; the stop message when `train.early_stopping_patience` evaluations in a row brought
+    no new best, else None."""
+    best = progress["best_eval"]
+    if best is None or el < best[1]:
+        progress["best_eval"], progress["evals_since_best"] = [step, el], 0
+        return None
+    progress["evals_since_best"] += 1
+    patience = cfg.train.early_stopping_patience
+    if patience and progress["evals_since_best"] >= patience:
+        return (f"completed (early stopping: eval loss {el:.4g} at step {step}, no better than {best[1]:.4g} at step "
+                f"{best[0]} for {patience} evaluation{'s' if patience > 1 else ''})")
+    return None
+
+
+def train(prep: Prepared, session: Session) -> TrainResult:
+    """Take optimizer steps from `session.step` to the run's total: log, evaluate and checkpoint on schedule; stop
+    on SIGTERM/SIGINT (checkpoint saved), on a diverging loss (the failed update dropped), or early.
+
+    Timing: the first step of a session (compilation) is counted apart; tokens/s is over the other steps' own time,
+    evaluations excluded."""
+    if session.ckpt is None or session.writer is None:
+        claim(prep, session)
+    cfg, total_steps, ckpt, writer, progress = prep.cfg, prep.total_steps, session.ckpt, session.writer, session.progress
+    lr_at = lr_schedule(cfg.optim, total_steps)
+    stop_reason, smooth_loss, lowest, last, first = "completed", None, math.inf, {}, True
+    t_train = time.perf_counter()
     settle = max(10, warmup_steps(cfg.optim, total_steps))  # divergence is judged after warm-up
-    bar = tqdm(total=total_steps, initial=step, desc="train", unit="step", dynamic_ncols=True)
+    bar = tqdm(total=total_steps, initial=session.step, desc="train", unit="step", dynamic_ncols=True)
+    bar.set_postfix_str("compiling the train step")
     with StopSignal() as stop:
-        while step < total_steps:
-            micro = [next(batches) for _ in range(cfg.train.grad_accum)]
+        while session.step < total_steps:
+            step = session.step
+            micro = [next(session.batches) for _ in range(cfg.train.grad_accum)]
             t = time.perf_counter()
-            new_trainable, new_opt, m = train_step(trainable, opt_state, frozen, _stack(micro),
-                                                   jax.random.fold_in(rng, step))
+            new_trainable, new_opt, m = session.train_step(session.trainable, session.opt_state, session.frozen,
+                                                           _stack(micro), jax.random.fold_in(session.rng, step))
             loss = float(m["loss"])
-            if compile_s is None:
-                compile_s = time.perf_counter() - t
+            dt = time.perf_counter() - t
             # diverging: the running average of the loss has risen far above its lowest value (by a factor and by
             # at least one nat, so one noisy batch of a nearly-learned task, 0.02 -> 0.2, does not count)
             smooth = loss if smooth_loss is None else 0.9 * smooth_loss + 0.1 * loss
@@ -221,71 +277,202 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
                                f"saving it (last good checkpoint: step {ckpt.latest_step()}); lower optim.lr or "
                                "raise optim.warmup_steps")
                 break
-            trainable, opt_state, step = new_trainable, new_opt, step + 1
+            session.trainable, session.opt_state, session.step = new_trainable, new_opt, step + 1
+            step = session.step
             smooth_loss = smooth
-            tokens_seen += float(m["tokens"])
-            lr = float(make_lr(cfg, total_steps)(step - 1))
+            if first:  # compilation: its time apart, its tokens not in tokens/s
+                progress["compile_s"] += dt
+                first = False
+            else:
+                progress["step_s"] += dt
+                progress["tokens"] += float(m["tokens"])
+            tps = progress["tokens"] / progress["step_s"] if progress["step_s"] > 0 else None
+            lr = float(lr_at(step - 1))
             last = {"loss": loss, "lr": lr, "grad_norm": float(m["grad_norm"])}
-            elapsed = time.perf_counter() - t_train - (compile_s or 0)
-            tps = tokens_seen / elapsed if elapsed > 0 else 0.0
-            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
+            bar.set_postfix(loss=f"{loss:.3f}", lr=f"{lr:.2e}", **({"tok_s": f"{tps:.0f}"} if tps else {}))
             bar.update(1)
             if cfg.train.log_every and (step % cfg.train.log_every == 0 or step == 1):
-                writer.write(step, "train", dict(last, tokens_per_s=tps))
+                writer.write(step, "train", dict(last, **({"tokens_per_s": tps} if tps else {})))
             metrics = None
             if cfg.train.eval_every and step % cfg.train.eval_every == 0 and step < total_steps:
-                el = _eval_loss(eval_step, trainable, frozen, prepared, cfg)
+                t = time.perf_counter()
+                el = evaluate(prep, session, generate=False).get("eval_loss")
+                progress["eval_s"] += time.perf_counter() - t
                 if el is not None:
                     metrics = {"eval_loss": el}
                     writer.write(step, "eval", {"eval_loss": el, "perplexity": math.exp(min(el, 50))})
+                    early = _early_stop(cfg, progress, step, el)
+                    if early:
+                        stop_reason = early
             if (cfg.train.save_every and step % cfg.train.save_every == 0) or metrics:
-                ckpt.save(step, {"trainable": trainable, "opt_state": opt_state, "rng": rng},
-                          extra={"step": step, "data": batches.state()}, metrics=metrics)
+                progress["train_s"] += time.perf_counter() - t_train
+                t_train = time.perf_counter()
+                ckpt.save(step, session.state(), extra=session.extra(), metrics=metrics)
+            if stop_reason != "completed":
+                break
             if stop.requested:
                 stop_reason = f"{stop.signal_name} received: checkpoint saved at step {step}"
                 break
     bar.close()
-    train_s = time.perf_counter() - t_train
-    final_state = {"trainable": trainable, "opt_state": opt_state, "rng": rng}
-    finished = stop_reason == "completed"
-    el = None
-    if finished or stop_reason.startswith(("SIG", "SIGTERM")):
-        if finished:
-            el = _eval_loss(eval_step, trainable, frozen, prepared, cfg)
-        metrics = {"eval_loss": el} if el is not None else None
-        ckpt.save(step, final_state, extra={"step": step, "data": batches.state()}, metrics=metrics)
-    ckpt.wait()
-    ckpt.close()
-    summary.update({"stopped": stop_reason, "steps": step, "train time (s)": train_s,
-                    "tokens/s": tokens_seen / max(train_s - (compile_s or 0), 1e-9),
-                    "first step incl. compile (s)": compile_s or 0.0})
-    if last:
-        summary["final train loss"] = last["loss"]
-    if el is not None:
-        summary["eval loss"] = el
-        summary["eval perplexity"] = math.exp(min(el, 50))
-        writer.write(step, "eval", {"eval_loss": el, "perplexity": math.exp(min(el, 50))})
-    if finished and cfg.eval.generate:
-        acc = _exact_match(model, trainable, frozen, tokenizer, prepared, cfg)
-        if acc is not None:
-            summary["exact match after"] = acc
-            writer.write(step, "eval", {"exact_match": acc})
-    writer.close()
-    plot = plot_curves(cfg.output_dir)
-    if plot:
-        summary["curves"] = plot
-    if finished:
-        from jaxft.train.export import export_all
+    progress["train_s"] += time.perf_counter() - t_train
+    return TrainResult(stop_reason, last)
 
-        summary.update(export_all(cfg, model, trainable, frozen, params, tokenizer, prepared, summary))
-    summary["wall time (s)"] = time.perf_counter() - t_start
-    with open(os.path.join(cfg.output_dir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2, default=str)
+
+def export(prep: Prepared, session: Session, summary: dict[str, Any], kinds: list[str] | None = None) -> dict:
+    """Write and check the exports the config asks for (or only `kinds`); returns their summary entries."""
+    return export_all(prep.cfg, session.model, session.trainable, session.frozen, prep.tokenizer, prep.data, summary,
+                      kinds=kinds)
+
+
+def _base_evaluation(prep: Prepared, session: Session) -> None:
+    cfg = prep.cfg
+    if not (cfg.eval.base and cfg.eval.generate and session.step == 0 and prep.data.eval_generation):
+        return
+    print(_generation_line(prep, "base model") + " ...", flush=True)
+    t = time.perf_counter()
+    acc = evaluate(prep, session, loss=False)["exact_match"]
+    session.progress["before"] = {"exact_match": acc}
+    print(f"base model: exact match {acc:.1f}% ({time.perf_counter() - t:.0f} s)", flush=True)
+
+
+def _select_export_step(prep: Prepared, session: Session) -> tuple[int, str]:
+    """Restore the weights `export.checkpoint` asks for; returns (step, why)."""
+    cfg = prep.cfg
+    if cfg.export.checkpoint == "last":
+        return session.step, "export.checkpoint: last (the final step)"
+    scores = session.ckpt.best_steps()
+    if not scores:
+        return session.step, "export.checkpoint: best, but no checkpoint has an eval loss; the final step"
+    best = scores[0]
+    if best != session.step:
+        state, _ = session.ckpt.restore(session.state(), best)
+        session.trainable = state["trainable"]
+    value = session.ckpt.score(best)
+    return best, (f"export.checkpoint: best, the lowest {cfg.export.best_metric} ({value:.4g}) of the kept "
+                  "checkpoints (lower is better)")
+
+
+def _summary(prep: Prepared, session: Session, result: TrainResult, final: dict[str, float]) -> dict[str, Any]:
+    """summary.json: numbers as numbers (seconds, percent, nats); `format_summary` formats them for a person."""
+    p = session.progress
+    s: dict[str, Any] = {"output_dir": prep.cfg.output_dir, "method": prep.cfg.method_type,
+                         "stopped": result.stopped, "complete": result.finished, "steps": session.step,
+                         "trainable parameters": session.trainable_parameters,
+                         "total parameters": session.total_parameters}
+    if "exact_match" in p["before"]:
+        s["exact match before (%)"] = p["before"]["exact_match"]
+    if "exact_match" in final:
+        s["exact match after (%)"] = final["exact_match"]
+    if result.last:
+        s["final train loss"] = result.last["loss"]
+    if "eval_loss" in final:
+        s["eval loss"] = final["eval_loss"]
+        s["eval perplexity"] = math.exp(min(final["eval_loss"], 50))
+    s.update({"train time (s)": p["train_s"], "first steps incl. compile (s)": p["compile_s"],
+              "step time (s)": p["step_s"], "eval time in training (s)": p["eval_s"],
+              "tokens/s": p["tokens"] / p["step_s"] if p["step_s"] > 0 else None})
+    if p["resumed_at"]:
+        s["resumed at steps"] = list(p["resumed_at"])
+    return s
+
+
+def _write_summary(cfg: TrainConfig, summary: dict[str, Any]) -> None:
+    with open(os.path.join(cfg.output_dir, SUMMARY), "w") as f:
+        json.dump(summary, f, indent=2)
+
+
+def _completed(prep: Prepared) -> dict[str, Any] | None:
+    """The summary of a finished run in output_dir (None when the run there has not finished)."""
+    path = os.path.join(prep.cfg.output_dir, SUMMARY)
+    if not prep.resuming or not os.path.exists(path):
+        return None
+    with open(path) as f:
+        summary = json.load(f)
+    return summary if summary.get("complete") else None
+
+
+def _export_missing(prep: Prepared, summary: dict[str, Any]) -> dict[str, Any]:
+    """A finished run run again: write the exports it asks for that are not there (from the step exported first),
+    and leave everything else, its figures included, as it was."""
+    cfg = prep.cfg
+    missing = [k for k in requested_exports(cfg, prep.spec) if not os.path.isdir(os.path.join(cfg.output_dir, k))]
+    step = summary.get("exported step", summary.get("steps"))
+    if not missing:
+        print(f"{cfg.output_dir}: this run is complete (step {summary.get('steps')}) and holds every export asked "
+              "for; nothing to do", flush=True)
+        return summary
+    print(f"{cfg.output_dir}: this run is complete (step {summary.get('steps')}); exporting what is missing: "
+          f"{', '.join(missing)} (weights of step {step})", flush=True)
+    session = build(prep)
+    restore(prep, session, step)
+    summary = dict(summary)
+    summary.update(export(prep, session, summary, missing))
+    session.ckpt.close()
+    if "export failed" in summary:
+        summary["stopped"] = f"export check failed: {summary['export failed']}"
+    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:  # the export section now written
+        yaml.safe_dump(saved_config(cfg), f, sort_keys=False)
+    _write_summary(cfg, summary)
     print(format_summary(summary))
     return summary
 
 
-def make_lr(cfg: TrainConfig, total_steps: int):
-    from jaxft.train.optim import lr_schedule
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """Train per `cfg`; returns the summary dict (also written to `<output_dir>/summary.json`)."""
+    t_start = time.perf_counter()
+    prep = prepare(cfg)
+    # the data line counts the prompts that will be scored, not all that could be
+    scored = len(generation_prompts(prep.data, cfg.eval.generate)) if cfg.eval.generate else 0
+    print(dataclasses.replace(prep.data.stats, eval_generation=scored).summary())
+    done = _completed(prep)
+    if done is not None:
+        return _export_missing(prep, done)
+    session = build(prep)
+    restore(prep, session)
+    _base_evaluation(prep, session)
+    claim(prep, session)
+    if session.step == 0 and session.progress["before"]:
+        session.writer.write(0, "eval", session.progress["before"])
 
-    return lr_schedule(cfg.optim, total_steps)
+    result = train(prep, session)
+    final: dict[str, float] = {}
+    if result.finished or result.stopped.startswith("SIG"):
+        if result.finished:
+            print("final evaluation: eval loss ...", flush=True)
+            t = time.perf_counter()
+            final = evaluate(prep, session, generate=False)
+            if final:
+                print(f"final evaluation: eval loss {final['eval_loss']:.4g} ({time.perf_counter() - t:.0f} s)")
+        metrics = {"eval_loss": final["eval_loss"]} if final else None
+        # re-saved when the loop saved this step already, so that its eval loss ranks it among the best
+        session.ckpt.save(session.step, session.state(), extra=session.extra(), metrics=metrics,
+                          force=metrics is not None)
+    session.ckpt.wait()
+    if "eval_loss" in final:
+        session.writer.write(session.step, "eval", {"eval_loss": final["eval_loss"],
+                                                    "perplexity": math.exp(min(final["eval_loss"], 50))})
+    exported = None
+    if result.finished:
+        exported, why = _select_export_step(prep, session)
+        if cfg.eval.generate and prep.data.eval_generation:
+            print(_generation_line(prep, f"after training (step {exported})") + " ...", flush=True)
+            t = time.perf_counter()
+            final.update(evaluate(prep, session, loss=False))
+            print(f"after training: exact match {final['exact_match']:.1f}% ({time.perf_counter() - t:.0f} s)")
+            session.writer.write(exported, "eval", {"exact_match": final["exact_match"]})
+    session.ckpt.close()
+    summary = _summary(prep, session, result, final)
+    plot = plot_curves(cfg.output_dir)
+    if plot:
+        summary["curves"] = plot
+    if result.finished:
+        summary["exported step"] = exported
+        summary["exported because"] = why
+        summary.update(export(prep, session, summary))
+        if "export failed" in summary:
+            summary["stopped"] = f"export check failed: {summary['export failed']}"
+    summary["wall time (s)"] = time.perf_counter() - t_start
+    _write_summary(cfg, summary)
+    session.writer.close(summary)
+    print(format_summary(summary))
+    return summary

@@ -9,49 +9,47 @@ of micro-batch means).
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
 
+from jaxft import peft
 from jaxft.models.config import LlamaConfig
 from jaxft.models.llama import ModelOptions, hidden_states, loss_head
 from jaxft.ops.loss import causal_lm_loss
 
 
 @dataclasses.dataclass(frozen=True)
-class Model:
-    """Everything static about the model being trained: architecture, PEFT spec (None = full), run options."""
+class StaticModel:
+    """The static (hashable, non-array) half of a model being trained: architecture, PEFT spec (None = full
+    fine-tuning), run options. The arrays travel apart, as `trainable` and `frozen` trees."""
 
     config: LlamaConfig
     spec: Any
     options: ModelOptions
 
 
-def bound_params(model: Model, trainable: Any, frozen: Any, *, train: bool = False, rng: jax.Array | None = None):
+def bound_params(model: StaticModel, trainable: Any, frozen: Any, *, train: bool = False, rng: jax.Array | None = None):
     """The parameter tree the forward pass uses (composite leaves for PEFT methods)."""
     if model.spec is None:
         return trainable
-    from jaxft import peft
-
     return peft.bind(frozen, model.spec, trainable, train=train, rng=rng)
 
 
 def is_prompt_method(spec: Any) -> bool:
-    from jaxft import peft
-
+    """True for prompt and prefix tuning: methods that add inputs instead of changing weights."""
     return isinstance(spec, (peft.PromptTuningSpec, peft.PrefixTuningSpec))
 
 
-def final_hidden(model: Model, trainable: Any, frozen: Any, batch: dict, *, train: bool = False,
+def final_hidden(model: StaticModel, trainable: Any, frozen: Any, batch: dict, *, train: bool = False,
                  rng: jax.Array | None = None) -> tuple[jax.Array, Any]:
     """Final hidden states `[B, T, D]` for the batch's real tokens, and the bound params (for the head)."""
     params = bound_params(model, trainable, frozen, train=train, rng=rng)
     ids, seg = batch["input_ids"], batch["segment_ids"]
     if is_prompt_method(model.spec):
-        from jaxft import peft
-
         kwargs, n_virtual = peft.prompt_inputs(model.spec, trainable, ids, segment_ids=seg, config=model.config,
                                                params=params, dtype=model.options.dtype)
         h = hidden_states(model.config, params, kwargs.pop("input_ids"), options=model.options, **kwargs)
@@ -61,7 +59,7 @@ def final_hidden(model: Model, trainable: Any, frozen: Any, batch: dict, *, trai
     return h, params
 
 
-def loss_sum(model: Model, trainable: Any, frozen: Any, batch: dict, *, train: bool = False,
+def loss_sum(model: StaticModel, trainable: Any, frozen: Any, batch: dict, *, train: bool = False,
              rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """`(sum of token losses, number of loss tokens)` of one micro-batch, both float32."""
     h, params = final_hidden(model, trainable, frozen, batch, train=train, rng=rng)
@@ -69,7 +67,7 @@ def loss_sum(model: Model, trainable: Any, frozen: Any, batch: dict, *, train: b
     return causal_lm_loss(h, head, batch["input_ids"], batch["loss_mask"], batch["segment_ids"], transposed=transposed)
 
 
-def make_train_step(model: Model, optimizer: optax.GradientTransformation):
+def make_train_step(model: StaticModel, optimizer: optax.GradientTransformation):
     """A jitted `step(trainable, opt_state, frozen, batches, rng) -> (trainable, opt_state, metrics)`.
 
     `batches` holds arrays `[A, B, T]`: A micro-batches accumulated into one update.
@@ -98,10 +96,15 @@ def make_train_step(model: Model, optimizer: optax.GradientTransformation):
     return jax.jit(step, donate_argnums=(0, 1))
 
 
-def make_eval_step(model: Model):
+def make_eval_step(model: StaticModel):
     """A jitted `eval(trainable, frozen, batch) -> (loss_sum, n)` without dropout."""
 
     def ev(trainable, frozen, batch):
         return loss_sum(model, trainable, frozen, batch, train=False)
 
     return jax.jit(ev)
+
+
+def count_params(tree: Any) -> int:
+    """The number of scalars in a tree of arrays (or of anything with a `.shape`, e.g. `ParamSpec`s)."""
+    return int(sum(math.prod(x.shape) for x in jax.tree.leaves(tree, is_leaf=lambda x: hasattr(x, "shape"))))

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import json
-import math
 import os
 import re
 import shutil
@@ -28,10 +27,17 @@ import tempfile
 from typing import Any, Iterator
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
-from jaxft.models.config import LlamaConfig
-from jaxft.models.params import is_spec, layer_specs, param_specs
+from jaxft.io.default import resolve_model_path
+from jaxft.io.gguf import gguf_model
+from jaxft.io.hf import _read_json, _safetensors_files  # the loader's own file discovery (index or single file)
+from jaxft.models.config import LlamaConfig, to_hf
+from jaxft.models.llama import head_weight
+from jaxft.models.params import layer_specs, param_specs
+from jaxft.ops.linear import linear
+from jaxft.train.step import StaticModel, count_params, final_hidden
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
@@ -111,10 +117,6 @@ class VerifyPlan:
         return f"first {self.layers} of {self.total} layers ({why}{sizes}{half})"
 
 
-def _count(tree: Any) -> int:
-    return sum(math.prod(x.shape) for x in jax.tree.leaves(tree, is_leaf=is_spec))
-
-
 def plan_verify(config: LlamaConfig, *, adapter: Any = None, forced: int | None = None,
                 available: int | None = None) -> VerifyPlan:
     """Choose how many layers a check loads into torch (fp32, 4 bytes a parameter).
@@ -124,13 +126,13 @@ def plan_verify(config: LlamaConfig, *, adapter: Any = None, forced: int | None 
     `available` bytes (default: `available_memory()`), otherwise the most that fit, at least one.
     """
     total = config.num_hidden_layers
-    per_layer = 4 * _count(layer_specs(config))
-    fixed = 4 * _count(param_specs(config)) - total * per_layer
+    per_layer = 4 * count_params(layer_specs(config))
+    fixed = 4 * count_params(param_specs(config)) - total * per_layer
     if adapter is not None:
         layers = adapter.get("model", {}).get("layers") if isinstance(adapter, dict) else None
-        in_layers = 4 * _count(layers) if layers is not None else 0
+        in_layers = 4 * count_params(layers) if layers is not None else 0
         per_layer += in_layers // total
-        fixed += 4 * _count(adapter) - in_layers
+        fixed += 4 * count_params(adapter) - in_layers
     need = fixed + total * per_layer
     if available is None:
         available = available_memory()
@@ -157,22 +159,16 @@ def _cut(tree: Any, k: int) -> Any:
     return out
 
 
-def truncate(model, trainable: Any, frozen: Any, k: int):
-    """`(model, trainable, frozen)` of the same run cut to its first `k` decoder layers (a `jaxft.train.step.Model`
+def truncate(model: StaticModel, trainable: Any, frozen: Any, k: int):
+    """`(model, trainable, frozen)` of the same run cut to its first `k` decoder layers (a `StaticModel`
     whose config has `num_hidden_layers=k`)."""
     config = model.config.replace(num_hidden_layers=k)
     return dataclasses.replace(model, config=config), _cut(trainable, k), _cut(frozen, k)
 
 
-def probe_logits(model, trainable: Any, frozen: Any, ids: np.ndarray, layers: int | None = None) -> np.ndarray:
+def probe_logits(model: StaticModel, trainable: Any, frozen: Any, ids: np.ndarray, layers: int | None = None) -> np.ndarray:
     """jaxft's float32 logits `[B, T, V]` of `ids[B, T]` (one unpadded segment per row) for a run's `(model,
     trainable, frozen)` as the trainer holds them, on the model cut to its first `layers` (None: the whole model)."""
-    import jax.numpy as jnp
-
-    from jaxft.models.llama import head_weight
-    from jaxft.ops.linear import linear
-    from jaxft.train.step import final_hidden
-
     if layers is not None:
         model, trainable, frozen = truncate(model, trainable, frozen, layers)
     batch = {"input_ids": jnp.asarray(ids, jnp.int32), "segment_ids": jnp.ones(ids.shape, jnp.int32),
@@ -198,17 +194,10 @@ def _source_tensors(src: str, k: int) -> tuple[dict, Iterator[tuple[str, Any]]]:
     non-layer ones, read one at a time as torch tensors."""
     import torch
 
-    from jaxft.io.default import resolve_model_path
-
     src = resolve_model_path(src)
     if src.endswith(".gguf"):
-        from jaxft.io.gguf import gguf_model
-        from jaxft.models.config import to_hf
-
         config, stored = gguf_model(src)
         return to_hf(config), ((t.name, torch.from_numpy(t.array())) for t in stored if _keep(t.name, k))
-    from jaxft.io.hf import _read_json, _safetensors_files  # the loader's own file discovery (index or single)
-
     hf = _read_json(os.path.join(src, "config.json"))
     files = _safetensors_files(src)
 
@@ -274,8 +263,6 @@ def write_truncated_adapter(adapter_dir: str, out_dir: str, k: int) -> str:
 def _torch_base(model_path: str):
     import torch
     from transformers import AutoModelForCausalLM
-
-    from jaxft.io.default import resolve_model_path
 
     path = resolve_model_path(model_path)
     if path.endswith(".gguf"):

@@ -1,6 +1,6 @@
 """The export check on a model's first layers only (`jaxft.train.verify`), against transformers and peft (torch CPU,
 fp32) on a tiny random Qwen2 of 4 layers (q/k/v biases, tied embeddings, a per-layer `layer_types` list in its
-config): the cut merged model and the cut adapter agree with jaxft's cut model to a relative 1e-5, a changed tensor
+config): the cut merged model and the cut adapter agree with jaxft's cut model to a relative 5e-4 (see TOL), a changed tensor
 in a checked layer is caught, the byte estimate equals 4 x torch's parameter count, the automatic plan checks
 fewer layers when memory is short and all of them when it is not, and the reports say which."""
 
@@ -20,13 +20,16 @@ from jaxft import peft as jpeft
 from hf_models import rel_err
 from jaxft.train import verify
 from jaxft.train.config import method_spec, parse_config
-from jaxft.train.export import export_all
-from jaxft.train.step import Model
+from jaxft.train.exports import export_all
+from jaxft.train.step import StaticModel
 
 torch = pytest.importorskip("torch", reason="transformers/peft (torch) are the reference of the export check")
 pytest.importorskip("peft", reason="peft is the reference of the adapter check")
 
-TOL = 1e-5
+# Measured over 4 seeds of adapter values (scripts/measure_train_tolerances.py): LoRA 1.4e-4 on all 4 layers (adapter
+# and merged; this random adapter is as large as the weights and the error grows through the layers), 1.9e-5 on the
+# first 2, prefix 1.3e-6: 3.7x under the bound. A changed tensor in a checked layer gives > 1e-3 (tested below).
+TOL = 5e-4
 LAYERS, K = 4, 2
 METHODS = {"lora": {"type": "lora", "r": 4, "alpha": 8, "target_modules": "all-linear"},
            "prefix": {"type": "prefix", "num_virtual_tokens": 3}, "bitfit": {"type": "bitfit"}}
@@ -72,12 +75,12 @@ def _run(tiny, name: str, method: str = "lora", **export):
         adapter = jpeft.init(spec, tiny.config, tiny.params, jax.random.key(1))
         rng = np.random.default_rng(2)  # LoRA's B starts at zero: move every factor
         tiny.adapters[method] = jax.tree.map(lambda x: x + 0.3 * rng.standard_normal(x.shape, np.float32), adapter)
-    return cfg, Model(tiny.config, spec, UNROLLED), tiny.adapters[method], tiny.params
+    return cfg, StaticModel(tiny.config, spec, UNROLLED), tiny.adapters[method], tiny.params
 
 
 def _export(tiny, name: str, method: str = "lora", **export):
     cfg, model, adapter, frozen = _run(tiny, name, method, **export)
-    out = export_all(cfg, model, adapter, frozen, frozen, None, tiny.prepared, {"eval loss": 1.0})
+    out = export_all(cfg, model, adapter, frozen, None, tiny.prepared, {"eval loss": 1.0})
     assert not [f for f in os.listdir(cfg.output_dir) if f.startswith(".jaxft-verify")]  # scratch dirs removed
     return out, cfg, model, adapter, frozen
 

@@ -1,12 +1,15 @@
 """The optimizer against torch.optim.AdamW + LambdaLR + clip_grad_norm_ with param groups, and the schedules against
 transformers' schedule functions.
 
-Tolerance: final fp32 params within 1e-6 of the largest parameter magnitude after 10 steps (torch computes the
-bias corrections in float64, optax in float32). The torch side builds its param groups from an explicit table of
+Tolerance: final fp32 params within 2e-6 of the largest parameter magnitude after 10 steps (torch computes the
+bias corrections in float64, optax in float32). Measured: at most 3.9e-7 over every case and 3 seeds of trees and
+gradients (scripts/measure_train_tolerances.py), a 5x margin; a 1% learning-rate error is checked to exceed it. The torch side builds its param groups from an explicit table of
 parameter names (no-decay set, depth per name), not from jaxft's functions.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import numpy as np
@@ -19,6 +22,7 @@ from jaxft.train.optim import OptimConfig, decay_mask, lr_schedule, lr_scales, m
 
 L, D, V, H, F = 3, 6, 11, 8, 10
 STEPS = 10
+OPTIM_TOL = 2e-6  # measured 3.9e-7 at most (4 cases x 3 seeds); see the module docstring
 
 
 def _hf(factory, **kw):
@@ -140,7 +144,11 @@ def test_matches_torch_adamw(case):
         assert ours[name].shape == ref[name].shape and ours[name].dtype == np.float32
         assert np.max(np.abs(ref[name] - start[name])) > 1e-3, f"{name} barely moved: the test would be weak"
         err = np.max(np.abs(ours[name] - ref[name])) / np.max(np.abs(ref[name]))
-        assert err < 1e-6, f"{name}: relative error {err:.3g}"
+        assert err < OPTIM_TOL, f"{name}: relative error {err:.3g}"
+    # the bound still sees a 1% error: the same run with lr * 1.01 is far outside it
+    bugged = _jax_run(tree, grads_seq, dataclasses.replace(cfg, lr=cfg.lr * 1.01), STEPS)
+    worst = max(np.max(np.abs(bugged[n] - ref[n])) / np.max(np.abs(ref[n])) for n in ref)
+    assert worst > 10 * OPTIM_TOL, worst
 
 
 @pytest.mark.parametrize("schedule, warm, min_ratio, reference", [

@@ -2,13 +2,13 @@
 with transformers (+ peft for LoRA), on the same tiny random Llama (GQA, tied embeddings) and the same batches.
 
 fp32 on both sides; the loss curve, the pre-clip gradient norm and the learning rate must agree at every step
-within 1e-3 relative, and so must the trained weights at the end. Steps use warm-up + cosine with a floor, weight
+within 5e-5 relative, and so must the trained weights at the end. Measured over 3 seeds of batches
+(scripts/measure_train_tolerances.py): loss 3.8e-7, grad norm 1.6e-6, full fine-tuning weights 7.6e-7, LoRA
+weights 5.7e-6 at most: an 8.8x margin; a 1% scale error in the loss or a weight is 200x the bound. Steps use warm-up + cosine with a floor, weight
 decay (not on norms) and global-norm clipping that bites, so every part of the optimizer is exercised.
 """
 
 from __future__ import annotations
-
-import os
 
 import jax
 import jax.numpy as jnp
@@ -21,13 +21,13 @@ import jaxft
 from hf_models import hf_tiny, rel_err
 from jaxft import peft
 from jaxft.train.optim import OptimConfig, make_optimizer
-from jaxft.train.step import Model, make_train_step
+from jaxft.train.step import StaticModel, make_train_step
 from trainer_ref import make_batches, torch_train
 
 STEPS, B, T = 20, 2, 16
 OPT = dict(lr=3e-3, warmup=3, total=STEPS, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-8,
            max_grad_norm=1.0)
-TOL = 1e-3
+TOL = 5e-5  # measured 5.7e-6 at most (LoRA weights; see the module docstring)
 
 
 def _optim_config(lr: float) -> OptimConfig:
@@ -45,7 +45,7 @@ def base_dir(tmp_path_factory):
 
 def _jax_train(config, trainable, frozen, spec, batches, lr: float = OPT["lr"], dtype=jnp.float32):
     """jaxft's side, wired as jaxft.train.loop does it; `dtype` is the compute dtype."""
-    model = Model(config, spec, jaxft.ModelOptions(dtype=dtype))
+    model = StaticModel(config, spec, jaxft.ModelOptions(dtype=dtype))
     optimizer = make_optimizer(_optim_config(lr), trainable, STEPS)
     if spec is not None:
         optimizer = optax.chain(optimizer, peft.mask_updates(peft.trainable_mask(spec, frozen, trainable)))
@@ -116,7 +116,7 @@ def test_grad_accumulation_matches_torch_token_sum(base_dir):
         parts = [token_loss_sum(hf, b["input_ids"][a], b["segment_ids"][a], b["loss_mask"][a]) for a in range(2)]
     token_mean = float(sum(p[0] for p in parts)) / sum(p[1] for p in parts)
     mean_of_means = float(np.mean([float(p[0]) / p[1] for p in parts]))
-    assert abs(got["loss"][0] - token_mean) / token_mean < 1e-5
+    assert abs(got["loss"][0] - token_mean) / token_mean < 1e-5  # measured 1.0e-7 at most over 3 seeds
     assert got["loss_tokens"][0] == sum(p[1] for p in parts)
     assert abs(mean_of_means - token_mean) / token_mean > 1e-4  # the batches do tell the two apart
 
@@ -177,5 +177,7 @@ def test_lora_bf16_compute_tracks_the_fp32_reference(base_dir):
     _, got = _jax_train(config, adapter, params, spec, batches, lr=lr, dtype=jnp.bfloat16)
     loss_rel = np.abs(np.array(got["loss"]) - ref["loss"]) / np.abs(ref["loss"])
     print(f"bf16 vs fp32 reference: max rel loss diff {loss_rel.max():.2e}")
-    assert 1e-5 < loss_rel.max() < 2e-2, loss_rel  # above fp32 rounding: the run did compute in bf16
+    # measured 2.3e-3 at most over 3 seeds (8.7x under 2e-2); fp32 stays under 3.8e-7 (26x under 1e-5): the run
+    # did compute in bf16
+    assert 1e-5 < loss_rel.max() < 2e-2, loss_rel
     assert np.mean(got["loss"][-4:]) < 0.9 * np.mean(got["loss"][:4]), got["loss"]

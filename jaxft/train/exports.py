@@ -1,0 +1,214 @@
+"""Exports at the end of a run: a peft adapter directory and/or a merged HF model directory, each with a model card,
+each checked by reloading it with transformers / peft and comparing logits with jaxft's (on the first layers only
+when the whole model does not fit in host memory; see `jaxft.train.verify`)."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import hashlib
+import io
+import json
+import os
+import time
+import warnings
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+
+import jaxft
+from jaxft import peft
+from jaxft.schema import to_dict
+from jaxft.train.step import StaticModel, is_prompt_method
+from jaxft.train.verify import plan_verify, probe_logits, verify_adapter, verify_available, verify_merged
+
+__all__ = ["dataset_files", "export_all", "model_card", "requested_exports", "sha256", "verify_adapter",
+           "verify_available", "verify_merged", "verify_tolerance"]
+
+
+def sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dataset_files(cfg) -> list[tuple[str, str]]:
+    """(path, sha256) of every local data file of the run."""
+    out = []
+    for src in (*cfg.data.train, *cfg.data.eval):
+        for p in sorted(glob.glob(src.path)) or [src.path]:
+            out.append((p, sha256(p) if os.path.isfile(p) else "not a local file"))
+    return out
+
+
+def model_card(cfg, kind: str, metrics: dict[str, Any], verify: str, notes: list[str]) -> str:
+    rows = "\n".join(f"| `{p}` | `{h}` |" for p, h in dataset_files(cfg))
+    hp = json.dumps({"method": dict(cfg.method), "optim": to_dict(cfg.optim), "train": to_dict(cfg.train),
+                     "seq_len": cfg.data.seq_len}, indent=2)
+    m = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
+    limits = "\n".join(f"- {n}" for n in notes) or "- none recorded"
+    return f"""# {kind} trained with jaxft
+
+Base model: `{cfg.model.path}`. Method: `{cfg.method_type}`.
+
+## Data
+| file | sha256 |
+|---|---|
+{rows}
+
+## Hyper-parameters
+```json
+{hp}
+```
+
+## Metrics
+| metric | value |
+|---|---|
+{m}
+
+## Verification
+{verify}
+
+## Known limits
+{limits}
+"""
+
+
+def _probe(prepared) -> np.ndarray:
+    """`ids[B, T]`: the first 64 tokens of up to two eval examples (a train example when there is no eval split)."""
+    probe = [np.asarray(ex.ids[:64]) for ex in prepared.eval[:2]] or [np.asarray(prepared.train[0].ids[:64])]
+    width = min(len(p) for p in probe)
+    return np.stack([p[:width] for p in probe]).astype(np.int32)
+
+
+def requested_exports(cfg, spec) -> list[str]:
+    """The exports the config asks for, by directory name: `adapter` (PEFT methods) and `merged` (always for full
+    fine-tuning; never for prompt and prefix tuning, which cannot be merged)."""
+    kinds = []
+    if spec is not None and cfg.export.adapter:
+        kinds.append("adapter")
+    if (cfg.export.merged or spec is None) and not (spec is not None and is_prompt_method(spec)):
+        kinds.append("merged")
+    return kinds
+
+
+def verify_tolerance(cfg) -> float:
+    """export.verify_tolerance, or its default for the run's compute dtype."""
+    if cfg.export.verify_tolerance is not None:
+        return cfg.export.verify_tolerance
+    return 1e-4 if cfg.model.param_dtype == "float32" else 5e-2
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Silence what reloading an export prints on a clean run: transformers' FutureWarnings and its progress bars
+    (GGUF conversion, weight loading). Errors still raise."""
+    import transformers
+
+    bars = transformers.utils.logging.is_progress_bar_enabled()
+    transformers.utils.logging.disable_progress_bar()
+    level = transformers.utils.logging.get_verbosity()
+    transformers.utils.logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            with contextlib.redirect_stderr(io.StringIO()):  # GGUF conversion draws tqdm bars on stderr directly
+                yield
+    finally:
+        transformers.utils.logging.set_verbosity(level)
+        if bars:
+            transformers.utils.logging.enable_progress_bar()
+
+
+def export_all(cfg, model: StaticModel, trainable, frozen, tokenizer, prepared, metrics: dict, *,
+               kinds: list[str] | None = None) -> dict[str, Any]:
+    """Write the exports the config asks for (or only `kinds` of them), verify each, and return summary entries.
+
+    The check of each export loads the whole model into torch when it fits in half of the available host memory,
+    else its first layers (export.verify_layers forces the number); the summary's `... verify (checked)` entry and
+    the model card say which. An export whose max relative logit error exceeds `verify_tolerance(cfg)` is named in
+    the returned `"export failed"` entry (the run then fails).
+    """
+    kinds = requested_exports(cfg, model.spec) if kinds is None else kinds
+    out: dict[str, Any] = {}
+    want_verify = cfg.export.verify == "on" or (cfg.export.verify == "auto" and verify_available())
+    if cfg.export.verify == "on" and not verify_available():
+        out["verify"] = "requested but torch/transformers/peft are not importable (pip install -e '.[verify]')"
+        want_verify = False
+    tol = verify_tolerance(cfg)
+    ids = _probe(prepared)
+    cache: dict[int | None, np.ndarray] = {}
+    failed = []
+
+    # jaxft's side computes in float32 whatever the run's compute dtype: the check is about the files, and a bf16
+    # forward against torch's fp32 one would measure bf16 rounding instead
+    probe_model = dataclasses.replace(model, options=dataclasses.replace(model.options, dtype=jnp.float32))
+
+    def logits(layers: int | None) -> np.ndarray:
+        if layers not in cache:
+            cache[layers] = probe_logits(probe_model, trainable, frozen, ids, layers)
+        return cache[layers]
+
+    def judge(kind: str, err: float, plan) -> str:
+        verdict = "within" if err <= tol else "ABOVE"
+        if err > tol or not np.isfinite(err):
+            failed.append(f"{kind} ({err:.2e} > export.verify_tolerance {tol:.0e})")
+        out[f"{kind} verify (rel. err)"] = err
+        out[f"{kind} verify (checked)"] = plan.describe()
+        print(f"export check, {kind}: max relative logit error {err:.2e}, {verdict} the tolerance {tol:.0e}", flush=True)
+        return f"max relative error {err:.2e} ({verdict} the tolerance {tol:.0e})"
+
+    card_metrics = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    notes = []
+    if "adapter" in kinds:
+        d = os.path.join(cfg.output_dir, "adapter")
+        t = time.perf_counter()
+        print(f"export: writing the adapter to {d}", flush=True)
+        with warnings.catch_warnings():  # the serving caveat is said once, in the summary
+            warnings.filterwarnings("ignore", message=".*vLLM will not serve")
+            reasons = peft.save_adapter(model.spec, trainable, d, model.config,
+                                        base_model_name_or_path=cfg.model.path) or []
+        if reasons:
+            out["serving"] = "vLLM will not serve this adapter: " + "; ".join(reasons)
+        notes += list(reasons)
+        check = "not run"
+        if want_verify and isinstance(model.spec, (peft.HoulsbySpec, peft.BitFitSpec)):
+            check = "not run: peft cannot load jaxft's own Houlsby / BitFit adapter format"
+        elif want_verify:
+            plan = plan_verify(model.config, adapter=trainable, forced=cfg.export.verify_layers)
+            print(f"export check, adapter: peft reloads it on {plan.describe()}", flush=True)
+            with _quiet():
+                err = verify_adapter(cfg.model.path, d, logits(plan.layers_arg), ids, layers=plan.layers_arg)
+            check = f"peft PeftModel.from_pretrained logits vs jaxft on {plan.describe()}: {judge('adapter', err, plan)}"
+        with open(os.path.join(d, "README.md"), "w") as f:
+            f.write(model_card(cfg, "Adapter", card_metrics, check, notes))
+        out["adapter"] = d
+        out["adapter export (s)"] = time.perf_counter() - t
+    if "merged" in kinds:
+        d = os.path.join(cfg.output_dir, "merged")
+        t = time.perf_counter()
+        print(f"export: writing the merged model to {d}", flush=True)
+        merged = trainable if model.spec is None else peft.merge(frozen, model.spec, trainable)
+        jaxft.save_pretrained(model.config, merged, d, tokenizer)
+        del merged
+        check = "not run"
+        if want_verify:
+            plan = plan_verify(model.config, forced=cfg.export.verify_layers)
+            print(f"export check, merged: transformers reloads it on {plan.describe()}", flush=True)
+            with _quiet():
+                err = verify_merged(d, logits(plan.layers_arg), ids, layers=plan.layers_arg)
+            check = (f"transformers AutoModelForCausalLM logits vs jaxft on {plan.describe()}: "
+                     f"{judge('merged', err, plan)}")
+        with open(os.path.join(d, "README.md"), "w") as f:
+            f.write(model_card(cfg, "Model", card_metrics, check, notes))
+        out["merged"] = d
+        out["merged export (s)"] = time.perf_counter() - t
+    elif model.spec is not None and is_prompt_method(model.spec) and cfg.export.merged:
+        out["merged"] = "not written: prompt and prefix tuning cannot be merged into the weights"
+    if failed:
+        out["export failed"] = "; ".join(failed)
+    return out
