@@ -17,9 +17,7 @@ from jaxft.schema import ConfigError, apply_overrides, from_dict, load_yaml, to_
 from jaxft.train.optim import OptimConfig
 
 REPORTERS = ("tensorboard", "wandb")
-METHOD_SPECS = {"lora": peft.LoraSpec, "dora": peft.DoraSpec, "ia3": peft.IA3Spec, "prompt": peft.PromptTuningSpec,
-                "prefix": peft.PrefixTuningSpec, "houlsby": peft.HoulsbySpec, "bitfit": peft.BitFitSpec}
-METHODS = ("full", *METHOD_SPECS)
+METHODS = ("full", *peft.method_names())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,14 +151,12 @@ def method_spec(method: Mapping[str, Any]):
         if rest:
             raise ConfigError(f"method: full fine-tuning takes no options, got {', '.join(rest)}")
         return None
-    return from_dict(METHOD_SPECS[kind], rest, "method")
+    return peft.spec_from_dict(kind, rest, "method")
 
 
 def method_name(spec) -> str:
     """The `method.type` of a peft spec ('full' for None)."""
-    if spec is None:
-        return "full"
-    return next(name for name, cls in METHOD_SPECS.items() if type(spec) is cls)
+    return "full" if spec is None else peft.method_name(spec)
 
 
 def parse_config(raw: Mapping[str, Any], where: str = "config") -> TrainConfig:

@@ -21,7 +21,7 @@ import numpy as np
 import jaxft
 from jaxft import peft
 from jaxft.schema import to_dict
-from jaxft.train.step import StaticModel, is_prompt_method
+from jaxft.train.step import StaticModel
 from jaxft.train.verify import plan_verify, probe_logits, verify_adapter, verify_available, verify_merged
 
 __all__ = ["dataset_files", "export_all", "model_card", "requested_exports", "sha256", "verify_adapter",
@@ -87,11 +87,11 @@ def _probe(prepared) -> np.ndarray:
 
 def requested_exports(cfg, spec) -> list[str]:
     """The exports the config asks for, by directory name: `adapter` (PEFT methods) and `merged` (always for full
-    fine-tuning; never for prompt and prefix tuning, which cannot be merged)."""
+    fine-tuning; never for methods that cannot be merged into the weights: prompt, prefix, Houlsby)."""
     kinds = []
     if spec is not None and cfg.export.adapter:
         kinds.append("adapter")
-    if (cfg.export.merged or spec is None) and not (spec is not None and is_prompt_method(spec)):
+    if spec is None or (cfg.export.merged and peft.mergeable(spec)):
         kinds.append("merged")
     return kinds
 
@@ -176,7 +176,7 @@ def export_all(cfg, model: StaticModel, trainable, frozen, tokenizer, prepared, 
             out["serving"] = "vLLM will not serve this adapter: " + "; ".join(reasons)
         notes += list(reasons)
         check = "not run"
-        if want_verify and isinstance(model.spec, (peft.HoulsbySpec, peft.BitFitSpec)):
+        if want_verify and not peft.peft_loadable(model.spec):
             check = "not run: peft cannot load jaxft's own Houlsby / BitFit adapter format"
         elif want_verify:
             plan = plan_verify(model.config, adapter=trainable, forced=cfg.export.verify_layers)
@@ -207,8 +207,8 @@ def export_all(cfg, model: StaticModel, trainable, frozen, tokenizer, prepared, 
             f.write(model_card(cfg, "Model", card_metrics, check, notes))
         out["merged"] = d
         out["merged export (s)"] = time.perf_counter() - t
-    elif model.spec is not None and is_prompt_method(model.spec) and cfg.export.merged:
-        out["merged"] = "not written: prompt and prefix tuning cannot be merged into the weights"
+    elif cfg.export.merged:
+        out["merged"] = f"not written: {peft.method_name(model.spec)} cannot be merged into the weights"
     if failed:
         out["export failed"] = "; ".join(failed)
     return out

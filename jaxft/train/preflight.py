@@ -22,10 +22,10 @@ from jaxft import peft
 from jaxft.models.config import LlamaConfig
 from jaxft.models.params import abstract_params
 from jaxft.peft.targets import iter_instances, plan
-from jaxft.schema import ConfigError, from_dict, to_dict
-from jaxft.train.config import METHOD_SPECS, TrainConfig, method_name, method_spec, resolved_dict
+from jaxft.schema import ConfigError, to_dict
+from jaxft.train.config import TrainConfig, method_name, method_spec, resolved_dict
 from jaxft.train.optim import warmup_steps
-from jaxft.train.step import is_prompt_method
+from jaxft.train.step import adds_inputs
 
 
 _ABSENT = object()
@@ -132,9 +132,8 @@ def resolve_init_from(cfg: TrainConfig, config: LlamaConfig) -> tuple[TrainConfi
     for key, value in cfg.method.items():
         if key in ("type", "init_from"):
             continue
-        cls = METHOD_SPECS.get(str(cfg.method.get("type", kind)), type(file_spec))
         try:
-            wanted = getattr(from_dict(cls, {key: value}, "method"), key)
+            wanted = getattr(peft.spec_from_dict(str(cfg.method.get("type", kind)), {key: value}, "method"), key)
         except ConfigError:
             wanted = value
         have = getattr(file_spec, key, _ABSENT)
@@ -166,9 +165,9 @@ def prepare(cfg: TrainConfig) -> Prepared:
     config = jaxft.load_config(cfg.model.path)
     cfg, spec = resolve_init_from(cfg, config)
     resuming = check_output_dir(cfg)
-    n_virtual = getattr(spec, "num_virtual_tokens", 0) if is_prompt_method(spec) else 0
+    n_virtual = peft.num_virtual_tokens(spec) if spec is not None else 0
     config.check_sequence_length(cfg.data.seq_len + n_virtual, "data.seq_len")
-    if is_prompt_method(spec) and cfg.data.packing:
+    if adds_inputs(spec) and cfg.data.packing:
         raise ConfigError(f"method.type={cfg.method_type} prepends virtual tokens to whole rows: set data.packing=false")
     if "wandb" in cfg.train.report_to and importlib.util.find_spec("wandb") is None:
         raise ConfigError("train.report_to: wandb is not installed; pip install wandb, or drop it from report_to")

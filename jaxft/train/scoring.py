@@ -7,8 +7,9 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from jaxft import peft
 from jaxft.generate.greedy import greedy_generate
-from jaxft.train.step import StaticModel, bound_params, is_prompt_method
+from jaxft.train.step import StaticModel, bound_params
 
 
 def eval_loss(eval_step, trainable: Any, frozen: Any, data, batch_size: int) -> float | None:
@@ -33,12 +34,7 @@ def exact_match(model: StaticModel, trainable: Any, frozen: Any, tokenizer, item
     if not items:
         return None
     params = bound_params(model, trainable, frozen)
-    extra = {}
-    if is_prompt_method(model.spec):
-        if "prompt_embeddings" in trainable:
-            extra["virtual_tokens"] = trainable["prompt_embeddings"]
-        else:
-            extra["prefix"] = (trainable["prefix_keys"], trainable["prefix_values"])
+    extra = peft.generation_inputs(model.spec, trainable) if model.spec is not None else {}
     eos = {tokenizer.eos_token_id}
     eid = model.config.eos_token_id
     eos |= set(eid) if isinstance(eid, tuple) else ({eid} if eid is not None else set())

@@ -39,9 +39,9 @@ def bound_params(model: StaticModel, trainable: Any, frozen: Any, *, train: bool
     return peft.bind(frozen, model.spec, trainable, train=train, rng=rng)
 
 
-def is_prompt_method(spec: Any) -> bool:
-    """True for prompt and prefix tuning: methods that add inputs instead of changing weights."""
-    return isinstance(spec, (peft.PromptTuningSpec, peft.PrefixTuningSpec))
+def adds_inputs(spec: Any) -> bool:
+    """True for methods that give the model inputs instead of (only) changing weights (prompt and prefix tuning)."""
+    return spec is not None and peft.adds_inputs(spec)
 
 
 def final_hidden(model: StaticModel, trainable: Any, frozen: Any, batch: dict, *, train: bool = False,
@@ -49,7 +49,7 @@ def final_hidden(model: StaticModel, trainable: Any, frozen: Any, batch: dict, *
     """Final hidden states `[B, T, D]` for the batch's real tokens, and the bound params (for the head)."""
     params = bound_params(model, trainable, frozen, train=train, rng=rng)
     ids, seg = batch["input_ids"], batch["segment_ids"]
-    if is_prompt_method(model.spec):
+    if adds_inputs(model.spec):
         kwargs, n_virtual = peft.prompt_inputs(model.spec, trainable, ids, segment_ids=seg, config=model.config,
                                                params=params, dtype=model.options.dtype)
         h = hidden_states(model.config, params, kwargs.pop("input_ids"), options=model.options, **kwargs)
