@@ -37,22 +37,35 @@ def machine() -> str:
     return f"{platform.machine()} CPU x{os.cpu_count()}"
 
 
-def record(name: str, lines: list[str]) -> None:
-    """Replace the section `name` of benchmarks/RESULTS.md with `lines` (dated)."""
+def _markers(name: str) -> tuple[str, str]:
+    return f"<!-- recorded: {name} -->", f"<!-- end recorded: {name} -->"
+
+
+def record(name: str, lines: list[str], command: str | None = None) -> None:
+    """Write `lines` (dated, with the command that produced them) as the recorded block of section `name` of
+    benchmarks/RESULTS.md, between the section's `<!-- recorded: name -->` markers. Text outside the markers (the
+    analysis and history written by hand) stays; the block it replaces stays too, just below the new one, as the
+    previous recorded run, so no recorded figure is lost. A section not there yet is added at the end."""
     path = os.path.join(os.path.dirname(__file__), "RESULTS.md")
     text = open(path).read() if os.path.exists(path) else "# Benchmark results\n"
-    header = f"## {name}"
+    begin, end = _markers(name)
     stamp = datetime.date.today().isoformat()
-    block = "\n".join([header, "", f"Measured {stamp} on {machine()} by `python benchmarks/{name}.py`.", "", *lines, ""])
-    parts = text.split("\n## ")
-    kept = [parts[0].rstrip("\n")] + ["## " + p.rstrip("\n") for p in parts[1:] if not p.startswith(name + "\n")]
+    command = command or f"python benchmarks/{name}.py"
+    block = "\n".join([begin, f"Measured {stamp} on {machine()} by `{command}`.", "", *lines, end])
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        old, tail = rest.split(end, 1)
+        previous = "\n".join(["", "", "**Previous recorded run** (replaced by the block above):", "", old.strip("\n")])
+        text = head + block + previous + tail
+    else:
+        text = text.rstrip("\n") + f"\n\n## {name}\n\n{block}\n"
     with open(path, "w") as f:
-        f.write("\n\n".join(kept + [block.rstrip("\n")]) + "\n")
+        f.write(text)
 
 
-def report(name: str, lines: list[str], ratio: float, *, record_it: bool) -> None:
+def report(name: str, lines: list[str], ratio: float, *, record_it: bool, command: str | None = None) -> None:
     """Print a benchmark's table, write it to RESULTS.md unless told not to, and print the ratio last."""
     print("\n".join(lines))
     if record_it:
-        record(name, lines)
+        record(name, lines, command)
     print(f"ratio {ratio:.2f}x")

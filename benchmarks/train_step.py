@@ -1,20 +1,33 @@
-"""LoRA training-step tokens/s: jaxft vs transformers + peft (torch eager), SmolLM2-135M, CPU fp32.
+"""LoRA training-step tokens/s: jaxft vs transformers + peft (torch), SmolLM2-135M, CPU fp32.
 
-LoRA r16 alpha 32 on all linear layers, batch 4 x 512 tokens, loss on every token, AdamW; each side at its
-fastest setting (jaxft: jit, no remat; torch: eager, sdpa attention, no gradient checkpointing). Each side runs in
-its own process, as its users run it: jaxft with freed host memory kept mapped, as `python -m jaxft.train` sets
-it; torch with the C library's defaults, and once more with jaxft's setting to show what that alone gives torch.
-The sides take turns step by step, so drift in the machine's speed hits all alike; prints the ratio of the median
-step times last (> 1 means jaxft is faster). Goal: >= 1.2x over eager. torch.compile's figure is reported if it
-runs (--compile).
+    python benchmarks/train_step.py [--repeat 7] [--no-compile] [--no-record]
+    python benchmarks/train_step.py --ab REV [--repeat 8]    # jaxft of this checkout against jaxft at git REV
+    python benchmarks/train_step.py --quick [--ab REV]       # sanity check: 1 x 32 tokens, 2 rounds, no record
+
+LoRA r16 alpha 32 on all linear layers, batch 4 x 512 tokens, loss on every token, AdamW. Each side runs in its
+own process, as its users run it: jaxft jitted, with freed host memory kept mapped as `python -m jaxft.train` sets
+it; torch in the three settings its users run: eager (sdpa attention, no gradient checkpointing) with the C
+library's defaults, eager with jaxft's allocator setting, and torch.compile. The headline ratio is jaxft against
+the fastest of those three (by median step time), and says which one that was; the ratio against plain eager is
+printed beside it. The sides take turns step by step (the order reversed every other round), so drift in the
+machine's speed hits all alike. > 1 means jaxft is faster. Goal: >= 1.2x.
+
+`--ab REV` times jaxft's train step only: this checkout's (with any uncommitted changes) against git revision REV's
+(`git archive` into a temporary directory), each in its own process, taking turns round by round. Each side builds
+its step with its own revision's `jax_side` (this file at that revision), so a change of the benchmark itself
+shows: the two sources are compared and a difference is printed. Ratio > 1 means this checkout is faster.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import inspect
 import multiprocessing as mp
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import numpy as np
@@ -77,27 +90,43 @@ def torch_side(ids: np.ndarray, compile_model: bool):
     return run
 
 
-def _worker(side: str, keep_memory: bool, ids: np.ndarray, conn) -> None:
-    """A side in its own process: build it, report the first step's time, then run one step per message."""
+def _load_jax_side(root: str):
+    """`jax_side` of the benchmark script in checkout `root`, importing that checkout's jaxft."""
+    sys.path.insert(0, root)
+    spec = importlib.util.spec_from_file_location("train_step_at_rev", os.path.join(root, "benchmarks", "train_step.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.jax_side
+
+
+def _worker(side: str, keep_memory: bool, ids: np.ndarray, root: str | None, conn) -> None:
+    """A side in its own process: build it, report the first step's time (and where its jaxft came from), then
+    run one step per message. `root`: another checkout whose jaxft and `jax_side` to use (A/B)."""
+    if root is not None:
+        sys.path.insert(0, root)  # before anything imports jaxft
     if keep_memory:
         from jaxft.runtime import keep_freed_host_memory
 
         keep_freed_host_memory()
     try:
         if side == "jaxft":
-            run = jax_side(ids)
+            run = (jax_side if root is None else _load_jax_side(root))(ids)
+            import jaxft
+
+            origin = os.path.dirname(os.path.dirname(os.path.abspath(jaxft.__file__)))
         else:
             import torch
 
             torch.set_num_threads(os.cpu_count() or 1)
             run = torch_side(ids, side == "torch.compile")
+            origin = f"torch {torch.__version__}"
         t0 = time.perf_counter()
         run()
         first_s = time.perf_counter() - t0
     except Exception as e:  # report, do not hide: torch.compile support varies by platform
         conn.send(f"{type(e).__name__}: {e}")
         return
-    conn.send(first_s)
+    conn.send((first_s, origin))
     while conn.recv():
         t0 = time.perf_counter()
         run()
@@ -106,30 +135,34 @@ def _worker(side: str, keep_memory: bool, ids: np.ndarray, conn) -> None:
 
 def alternate(sides: dict, ids: np.ndarray, repeat: int) -> tuple[dict[str, list[float]], dict[str, float]]:
     """Seconds per step of each side, each side in its own process (its own allocator settings, no shared heap),
-    the sides taking turns step by step after one warm-up step each, so a machine whose speed drifts during the
-    run slows both alike instead of biasing the ratio. Sides are built one at a time (no contention in the first
-    step's time). Returns the step times and each side's first step (compile + one step)."""
+    the sides taking turns step by step after one warm-up step each, in reversed order every other round, so a
+    machine whose speed drifts during the run slows all alike instead of biasing the ratio. Sides are built one at
+    a time (no contention in the first step's time). `sides`: name -> (kind, keep_memory, checkout root or None).
+    Returns the step times and each side's first step (compile + one step)."""
     ctx = mp.get_context("spawn")
     procs, conns, first = {}, {}, {}
     try:
-        for name, (side, keep_memory) in sides.items():
+        for name, (side, keep_memory, root) in sides.items():
             conns[name], child = ctx.Pipe()
-            procs[name] = ctx.Process(target=_worker, args=(side, keep_memory, ids, child), daemon=True)
+            procs[name] = ctx.Process(target=_worker, args=(side, keep_memory, ids, root, child), daemon=True)
             procs[name].start()
-            first[name] = conns[name].recv()
-            if isinstance(first[name], str):
+            got = conns[name].recv()
+            if isinstance(got, str):
                 if side in ("jaxft", "torch"):
-                    raise RuntimeError(f"{name} failed: {first[name]}")
-                print(f"{name} failed, left out: {first[name]}")
-                del conns[name], first[name]
+                    raise RuntimeError(f"{name} failed: {got}")
+                print(f"{name} failed, left out: {got}")
+                del conns[name]
+                continue
+            first[name], origin = got
+            print(f"{name}: {origin}, first step {first[name]:.1f} s", flush=True)
         for conn in conns.values():  # warm-up
             conn.send(True)
             conn.recv()
         times: dict[str, list[float]] = {name: [] for name in conns}
-        for _ in range(repeat):
-            for name, conn in conns.items():
-                conn.send(True)
-                times[name].append(conn.recv())
+        for i in range(repeat):
+            for name in (list(conns) if i % 2 == 0 else list(conns)[::-1]):
+                conns[name].send(True)
+                times[name].append(conns[name].recv())
         return times, first
     finally:
         for name, conn in conns.items():
@@ -146,44 +179,94 @@ def alternate(sides: dict, ids: np.ndarray, repeat: int) -> tuple[dict[str, list
 JAX = "jaxft (jit)"
 EAGER = "transformers + peft (eager, sdpa)"
 EAGER_KEPT = "transformers + peft (eager, sdpa), freed memory kept mapped"
+COMPILED = "transformers + peft (torch.compile)"
+SHORT = {EAGER: "torch eager", EAGER_KEPT: "torch eager with freed memory kept mapped", COMPILED: "torch.compile"}
+
+
+def _git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=os.path.dirname(_here), check=True, capture_output=True,
+                          text=True).stdout.strip()
+
+
+def _shape(args) -> str:
+    return f"LoRA r16 all-linear, batch {args.batch} x {args.seq}, fp32"
+
+
+def versus_torch(args, ids: np.ndarray) -> None:
+    tokens = args.batch * args.seq
+    sides = {JAX: ("jaxft", True, None), EAGER: ("torch", False, None), EAGER_KEPT: ("torch", True, None)}
+    if not args.no_compile:
+        sides[COMPILED] = ("torch.compile", False, None)
+    times, first = alternate(sides, ids, args.repeat)
+    med = {name: float(np.median(t)) for name, t in times.items()}
+    torch_sides = [name for name in times if name != JAX]
+    fastest = min(torch_sides, key=med.get)  # the setting a user would pick: the shortest median step
+    lines = ["| side | tokens/s (median) | range |", "|---|---|---|"]
+    lines += [f"| {name} | {tokens / med[name]:.0f} | {tokens / max(t):.0f}-{tokens / min(t):.0f} |"
+              for name, t in times.items()]
+    per_round = sorted(b / a for a, b in zip(times[JAX], times[fastest]))
+    ratio = med[fastest] / med[JAX]
+    left_out = [name for name in (EAGER, EAGER_KEPT, COMPILED) if name not in times]
+    lines += ["", f"{_shape(args)}; each side in its own process, {args.repeat} steps per side taking turns; "
+              f"jaxft first step (compile) {first[JAX]:.1f} s. jaxft runs as `python -m jaxft.train` does, with freed "
+              f"host memory kept mapped (`jaxft.runtime.keep_freed_host_memory`); torch runs eager with the C "
+              f"library's defaults, eager with the same setting as jaxft, and under torch.compile"
+              + (f" ({', '.join(SHORT[n] for n in left_out)}: not run)" if left_out else "") + f". The fastest "
+              f"torch side here: {SHORT[fastest]}. Ratio per round vs it {per_round[0]:.2f}-{per_round[-1]:.2f}x, median "
+              f"{float(np.median(per_round)):.2f}x; vs plain eager (the headline before 2026-11-30) "
+              f"{med[EAGER] / med[JAX]:.2f}x.", "",
+              f"**ratio jaxft / fastest torch ({SHORT[fastest]}), medians: {ratio:.2f}x** (goal >= 1.2x)"]
+    report("train_step", lines, ratio, record_it=not args.no_record)
+
+
+def ab(args, ids: np.ndarray) -> None:
+    tokens = args.batch * args.seq
+    rev = _git("rev-parse", "--verify", f"{args.ab}^{{commit}}")
+    head = _git("rev-parse", "HEAD")
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    here = f"this checkout ({head[:10]}{' + uncommitted changes' if dirty else ''})"
+    there = f"revision {rev[:10]}"
+    with tempfile.TemporaryDirectory(prefix="jaxft-ab-") as root:
+        archive = subprocess.run(["git", "archive", rev], cwd=os.path.dirname(_here), check=True,
+                                 capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", root], input=archive, check=True)
+        theirs = open(os.path.join(root, "benchmarks", "train_step.py")).read()
+        theirs_src = theirs[theirs.find("def jax_side("):theirs.find("\ndef ", theirs.find("def jax_side(") + 1)]
+        if theirs_src.strip() != inspect.getsource(jax_side).strip():
+            print(f"note: jax_side differs between {here} and {there}; each side builds the step its own way")
+        sides = {here: ("jaxft", True, None), there: ("jaxft", True, root)}
+        times, first = alternate(sides, ids, args.repeat)
+    med = {name: float(np.median(t)) for name, t in times.items()}
+    per_round = sorted(b / a for a, b in zip(times[here], times[there]))
+    ratio = med[there] / med[here]
+    lines = ["| jaxft | tokens/s (median) | range | first step (s) |", "|---|---|---|---|"]
+    lines += [f"| {name} | {tokens / med[name]:.0f} | {tokens / max(t):.0f}-{tokens / min(t):.0f} | "
+              f"{first[name]:.1f} |" for name, t in times.items()]
+    lines += ["", f"{_shape(args)}; jaxft only, each revision in its own process with freed host memory kept "
+              f"mapped, {args.repeat} rounds taking turns (order reversed every other round). Per-round ratio "
+              f"{per_round[0]:.3f}-{per_round[-1]:.3f}x, median {float(np.median(per_round)):.3f}x, "
+              f"{sum(r > 1 for r in per_round)} of {len(per_round)} rounds above 1.", "",
+              f"**A/B: this checkout / {rev[:10]} (medians): {ratio:.3f}x** (> 1: this checkout is faster)"]
+    report("train_step_ab", lines, ratio, record_it=not args.no_record,
+           command=f"python benchmarks/train_step.py --ab {args.ab}")
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=512)
-    ap.add_argument("--repeat", type=int, default=7, help="steps timed per side, taking turns")
-    ap.add_argument("--compile", action="store_true", help="also time torch.compile")
-    ap.add_argument("--no-record", action="store_true")
-    ap.add_argument("--jax-only", action="store_true", help="time jaxft alone (no record)")
+    ap.add_argument("--repeat", type=int, default=None, help="steps timed per side, taking turns (7; 8 with --ab)")
+    ap.add_argument("--no-compile", action="store_true", help="leave out the torch.compile side")
+    ap.add_argument("--ab", metavar="REV", help="time jaxft of this checkout against jaxft at git revision REV")
+    ap.add_argument("--no-record", action="store_true", help="do not write benchmarks/RESULTS.md")
+    ap.add_argument("--quick", action="store_true", help="sanity check: batch 1 x 32, 2 rounds, nothing recorded")
     args = ap.parse_args(argv)
+    if args.quick:
+        args.batch, args.seq, args.repeat, args.no_record = 1, 32, 2, True
+    if args.repeat is None:
+        args.repeat = 8 if args.ab else 7
     ids = np.random.RandomState(0).randint(0, 49152, (args.batch, args.seq))
-    tokens = args.batch * args.seq
-    sides = {JAX: ("jaxft", True)}
-    if not args.jax_only:
-        sides[EAGER] = ("torch", False)
-        sides[EAGER_KEPT] = ("torch", True)
-        if args.compile:
-            sides["transformers + peft (torch.compile)"] = ("torch.compile", False)
-    times, first = alternate(sides, ids, args.repeat)
-    med = {name: float(np.median(t)) for name, t in times.items()}
-    if args.jax_only:
-        print(f"jaxft {tokens / med[JAX]:.0f} tokens/s (first step {first[JAX]:.1f} s)")
-        return
-    lines = ["| side | tokens/s (median) | range |", "|---|---|---|"]
-    lines += [f"| {name} | {tokens / med[name]:.0f} | {tokens / max(t):.0f}-{tokens / min(t):.0f} |"
-              for name, t in times.items()]
-    per_round = sorted(b / a for a, b in zip(times[JAX], times[EAGER]))
-    ratio = med[EAGER] / med[JAX]
-    lines += ["", f"LoRA r16 all-linear, batch {args.batch} x {args.seq}, fp32; each side in its own process, "
-              f"{args.repeat} steps per side taking turns; jaxft first step (compile) {first[JAX]:.1f} s. "
-              f"jaxft runs as `python -m jaxft.train` does, with freed host memory kept mapped "
-              f"(`jaxft.runtime.keep_freed_host_memory`); the torch row with the same setting shows what it "
-              f"gives torch. Ratio per round vs eager {per_round[0]:.2f}-{per_round[-1]:.2f}x, median "
-              f"{float(np.median(per_round)):.2f}x; "
-              f"vs eager with freed memory kept mapped {med[EAGER_KEPT] / med[JAX]:.2f}x.", "",
-              f"**ratio jaxft / transformers+peft eager (medians): {ratio:.2f}x** (goal >= 1.2x)"]
-    report("train_step", lines, ratio, record_it=not args.no_record)
+    (ab if args.ab else versus_torch)(args, ids)
 
 
 if __name__ == "__main__":

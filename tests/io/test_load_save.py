@@ -7,10 +7,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import jaxft
 from hf_models import hf_tiny, rel_err
+from optional_import import optional  # torch-free CI leg: tests/conftest.py
+
+torch = optional("torch")
 
 
 @pytest.fixture(scope="module")

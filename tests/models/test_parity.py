@@ -9,12 +9,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import jaxft
 from jaxft.models.llama import ModelOptions
 from jaxft.ops.linear import Weight
 from hf_models import VARIANTS, hf_tiny, rel_err
+from optional_import import optional  # torch-free CI leg: tests/conftest.py
+
+torch = optional("torch")
 
 TOL = 1e-5
 

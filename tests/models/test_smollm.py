@@ -7,11 +7,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 import jaxft
 from jaxft.generate.greedy import greedy_generate
 from hf_models import rel_err
+from optional_import import optional  # torch-free CI leg: tests/conftest.py
+
+torch = optional("torch")
 
 pytestmark = pytest.mark.slow
 

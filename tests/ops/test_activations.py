@@ -3,9 +3,11 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
 from jaxft.ops.activations import swiglu
+from optional_import import optional  # torch-free CI leg: tests/conftest.py
+
+torch = optional("torch")
 
 
 def test_swiglu_value_and_gradients_match_torch():

@@ -4,11 +4,13 @@ transformers at a length where it is used."""
 import jax
 import jax.numpy as jnp
 import numpy as np
-import torch
 
 import jaxft
 from jaxft.ops.attention import attention, attention_mask, blocked_causal_attention, causal_block_size
 from hf_models import hf_tiny, rel_err
+from optional_import import optional  # torch-free CI leg: tests/conftest.py
+
+torch = optional("torch")
 
 
 def _packed_inputs(padding: bool):

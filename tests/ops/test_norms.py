@@ -5,10 +5,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from jaxft.ops.norms import rms_norm
+from optional_import import optional  # torch-free CI leg: tests/conftest.py
+
+torch = optional("torch")
+LlamaRMSNorm = optional("transformers.models.llama.modeling_llama", "LlamaRMSNorm")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

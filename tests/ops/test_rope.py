@@ -5,11 +5,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from jaxft.models.config import LlamaConfig, RopeScaling
 from jaxft.ops.rope import apply_rope, rope_tables
+from optional_import import optional  # torch-free CI leg: tests/conftest.py
+
+torch = optional("torch")
+apply_rotary_pos_emb = optional("transformers.models.llama.modeling_llama", "apply_rotary_pos_emb")
 
 
 @pytest.mark.parametrize("scaling", [RopeScaling(), RopeScaling("llama3", factor=8.0, low_freq_factor=1.0,

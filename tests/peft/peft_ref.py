@@ -7,10 +7,12 @@ import os
 
 import jax.numpy as jnp
 import numpy as np
-import torch
 
 import jaxft
 from hf_models import hf_tiny
+from optional_import import optional  # torch-free CI leg: tests/conftest.py
+
+torch = optional("torch")
 
 # Two rows, no padding: peft and jaxft give the virtual tokens the same positions only without left padding.
 IDS = np.array([[3, 17, 5, 42, 8, 11, 90], [60, 2, 33, 7, 71, 19, 4]], np.int64)

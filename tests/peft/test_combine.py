@@ -16,14 +16,14 @@ import math
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import transformers
 
-torch = pytest.importorskip("torch")
-transformers = pytest.importorskip("transformers")
-peft = pytest.importorskip("peft")
+from jaxft.peft.combine import LoraFactors, combine_lora
+from optional_import import optional  # torch-free CI leg: tests/conftest.py
 
-from peft.tuners.lora import LoraLayer  # noqa: E402
-
-from jaxft.peft.combine import LoraFactors, combine_lora  # noqa: E402
+torch = optional("torch")
+peft = optional("peft")
+LoraLayer = optional("peft.tuners.lora", "LoraLayer")
 
 PROJS = ("k_proj", "up_proj")  # [32 -> 16] and [32 -> 48]: in > out and in < out
 ADAPTERS = {  # name: (r, lora_alpha, use_rslora)

@@ -15,9 +15,10 @@ from hf_models import rel_err
 from jaxft import peft as jpeft
 from jaxft.errors import FileFormatError
 from jaxft.schema import ConfigError
+from optional_import import optional  # torch-free CI leg: tests/conftest.py
 from peft_ref import hf_state, jax_logits, jax_state, randomize, tiny_pair, torch_logits
 
-peft = pytest.importorskip("peft", reason="the peft library is the reference these tests compare with")
+peft = optional("peft")
 
 TOL = 1e-5
 

@@ -18,9 +18,10 @@ import jaxft
 
 from hf_models import rel_err
 from jaxft import peft as jpeft
+from optional_import import optional  # torch-free CI leg: tests/conftest.py
 from peft_ref import hf_state, jax_logits, jax_state, randomize, tiny_pair, torch_logits
 
-peft = pytest.importorskip("peft", reason="the peft library is the reference these tests compare with")
+peft = optional("peft")
 
 # Logits and merged weights (relative to the largest entry): the largest error measured over 3 seeds of model, adapter
 # and tokens was 3.8e-6 (logits, lora_all_linear on Qwen2; merged weights 2.5e-7), so 2e-5 keeps 5.3x. An adapter

@@ -13,10 +13,11 @@ import pytest
 import jaxft
 from hf_models import rel_err
 from jaxft import peft as jpeft
+from optional_import import optional  # torch-free CI leg: tests/conftest.py
 from peft_ref import IDS, UNROLLED, randomize, tiny_pair
 
-peft = pytest.importorskip("peft", reason="the peft library is the reference these tests compare with")
-torch = pytest.importorskip("torch", reason="the peft library is the reference these tests compare with")
+peft = optional("peft")
+torch = optional("torch")
 
 TOL = 1e-5
 P = 3

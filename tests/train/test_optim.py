@@ -14,11 +14,13 @@ import dataclasses
 import jax
 import numpy as np
 import pytest
-import torch
-import transformers.optimization as hf_opt
 
 from jaxft.schema import ConfigError, from_dict
 from jaxft.train.optim import OptimConfig, decay_mask, lr_schedule, lr_scales, make_optimizer
+from optional_import import optional  # torch-free CI leg: tests/conftest.py
+
+torch = optional("torch")
+hf_opt = optional("transformers.optimization")
 
 L, D, V, H, F = 3, 6, 11, 8, 10
 STEPS = 10
@@ -26,8 +28,9 @@ OPTIM_TOL = 2e-6  # measured 3.9e-7 at most (4 cases x 3 seeds); see the module 
 
 
 def _hf(factory, **kw):
-    """The lr multiplier function of a transformers schedule (the LambdaLR it builds on a dummy optimizer)."""
-    return factory(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), **kw).lr_lambdas[0]
+    """The lr multiplier function of a transformers schedule (the LambdaLR it builds on a dummy optimizer), built
+    when first called (module-level tables name it; the torch-free CI leg collects them without torch)."""
+    return lambda step: factory(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0), **kw).lr_lambdas[0](step)
 
 
 def _full_tree(rng):

@@ -15,7 +15,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-import torch
 
 import jaxft
 from hf_models import hf_tiny, rel_err
@@ -23,6 +22,9 @@ from jaxft import peft
 from jaxft.train.optim import OptimConfig, make_optimizer
 from jaxft.train.step import StaticModel, make_train_step
 from trainer_ref import make_batches, torch_train
+from optional_import import optional  # torch-free CI leg: tests/conftest.py
+
+torch = optional("torch")
 
 STEPS, B, T = 20, 2, 16
 OPT = dict(lr=3e-3, warmup=3, total=STEPS, min_lr_ratio=0.1, weight_decay=0.1, b1=0.9, b2=0.98, eps=1e-8,

@@ -9,7 +9,9 @@ the shifted token cross-entropies of all its micro-batches over their total numb
 from __future__ import annotations
 
 import numpy as np
-import torch
+from optional_import import optional  # torch-free CI leg: tests/conftest.py
+
+torch = optional("torch")
 
 
 def make_batches(n_steps: int, accum: int, batch: int, seq: int, vocab: int, seed: int = 0,
