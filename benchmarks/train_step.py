@@ -46,12 +46,12 @@ def jax_side(ids: np.ndarray):
     from jaxft import peft
     from jaxft.models.llama import ModelOptions
     from jaxft.train.optim import OptimConfig, make_optimizer
-    from jaxft.train.step import Model, make_train_step
+    from jaxft.train.step import StaticModel, make_train_step
 
     config, params = jaxft.load_pretrained("smollm2-135m-instruct")
     spec = peft.LoraSpec(r=16, alpha=32, target_modules="all-linear")
     adapter = peft.init(spec, config, params, jax.random.key(0))
-    model = Model(config, spec, ModelOptions())
+    model = StaticModel(config, spec, ModelOptions())
     opt = make_optimizer(OptimConfig(lr=1e-4), adapter, 100)
     state = opt.init(adapter)
     step = make_train_step(model, opt)
