@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from typing import Any, Mapping, Sequence, TypeVar
@@ -166,14 +167,30 @@ def _deepcopy(d: Any) -> Any:
 def load_yaml(path: str) -> dict[str, Any]:
     """Read a YAML mapping from `path` with a one-line error for a missing or malformed file."""
     try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
+        with open(path, "rb") as f:
+            raw = f.read()
     except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file") from None
+        raise ConfigError(f"{path}: no such config file; check the path (relative paths start from "
+                          f"{os.getcwd()})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a directory; give the YAML config file") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        start = raw.rfind(b"\n", 0, e.start) + 1
+        column = len(raw[start:e.start].decode("utf-8", errors="replace")) + 1
+        raise ConfigError(f"{path} line {line} column {column}: byte 0x{raw[e.start]:02x} is not UTF-8; save the "
+                          "config as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
-        at = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}{at}: not valid YAML ({getattr(e, 'problem', e)})") from None
+        at = f" line {mark.line + 1} column {mark.column + 1}" if mark else ""
+        problem = " ".join(str(getattr(e, "problem", None) or e).split())
+        raise ConfigError(f"{path}{at}: not valid YAML ({problem})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

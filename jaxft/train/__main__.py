@@ -27,8 +27,7 @@ def main(argv=None) -> int:
 
         keep_freed_host_memory()  # before anything starts JAX's threads
 
-    from jaxft.models.config import UnsupportedConfigError
-    from jaxft.schema import ConfigError
+    from jaxft.errors import JaxftError
     from jaxft.train.config import load_config
 
     try:
@@ -39,7 +38,7 @@ def main(argv=None) -> int:
         from jaxft.train.loop import run
 
         summary = run(cfg)
-    except (ConfigError, UnsupportedConfigError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (JaxftError, OSError, ValueError) as e:  # every input error is a JaxftError; the others a backstop
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0 if summary.get("stopped", "").startswith(("completed", "SIG")) else 1

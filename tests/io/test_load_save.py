@@ -67,7 +67,7 @@ def _one_line(excinfo):
 
 
 def test_bad_paths(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such file") as e:
+    with pytest.raises(jaxft.FileFormatError, match="no such file") as e:
         jaxft.load_pretrained(str(tmp_path / "nope"))
     _one_line(e)
     (tmp_path / "weights.txt").write_text("x")
@@ -75,7 +75,7 @@ def test_bad_paths(tmp_path):
         jaxft.load_pretrained(str(tmp_path / "weights.txt"))
     _one_line(e)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="config.json") as e:
+    with pytest.raises(jaxft.FileFormatError, match="config.json") as e:
         jaxft.load_pretrained(str(tmp_path / "empty"))
     _one_line(e)
 
@@ -124,7 +124,7 @@ def test_truncated_missing_and_misshapen_tensors(tiny, tmp_path):
 
 
 def test_gguf_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(jaxft.FileFormatError, match="no such file"):
         jaxft.load_pretrained(str(tmp_path / "model.gguf"))
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
