@@ -121,3 +121,36 @@ def test_errors_from_the_yaml_blame_the_yaml(tmp_path):
     with pytest.raises(ConfigError) as e:  # a value error in a key the override set
         load_config(path, ["optim.lerning_rate=1", "optim={lr: -1}"])
     assert str(e.value).startswith("override 'optim={lr: -1}': optim.lr: must be > 0"), str(e.value)
+
+
+# ---- --check reads the data without weights or a tokenizer ---------------------------------------------------------
+
+
+def _check_config(tmp_path, **data) -> str:
+    return _write(tmp_path, {"output_dir": str(tmp_path / "out"), "model": {"path": str(tmp_path / "no-model")},
+                             "data": data}, name="check.yaml")
+
+
+def test_check_reads_the_data(tmp_path, capsys):
+    good = _jsonl(tmp_path / "d.jsonl", n=6)
+    # the model path is not touched by --check (no weights, no tokenizer)
+    assert main([_check_config(tmp_path, train=[good], eval_size=2), "--check"]) == 0
+    assert "data: 4 train and 2 eval records from 1 sources, 0 malformed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("data, expected", [
+    # before: each of these printed "valid" and exit 0; the run failed later, after loading the model
+    (lambda t: {"train": [str(t / "missing.jsonl")]}, "data.train[0]: {t}/missing.jsonl: no such file"),
+    (lambda t: {"train": [_jsonl(t / "d.jsonl", n=3)], "eval_size": 3},
+     "data.eval_size=3: the train sources hold only 3 usable records"),
+    (lambda t: {"train": [str(t / "latin1.jsonl")]}, "data.train[0]: {t}/latin1.jsonl line 1 column 14: byte 0xe9"),
+    (lambda t: {"train": [str(t / "empty.jsonl")]}, "data.train[0]: {t}/empty.jsonl: is empty"),
+    (lambda t: {"train": [_jsonl(t / "d.jsonl", n=3)], "eval": [_jsonl(t / "e.jsonl", n=3)]},
+     "data.train[0]: {t}/d.jsonl: no usable record after filtering (3 read, 0 malformed, 0 duplicates, "
+     "3 decontaminated"),
+])
+def test_check_catches_data_problems(tmp_path, capsys, data, expected):
+    (tmp_path / "latin1.jsonl").write_bytes(b'{"text": "caf\xe9"}\n')
+    (tmp_path / "empty.jsonl").write_text("")
+    assert main([_check_config(tmp_path, **data(tmp_path)), "--check"]) == 2
+    assert expected.format(t=tmp_path) in _err(capsys)

@@ -16,6 +16,7 @@ import argparse
 import sys
 
 from jaxft import peft
+from jaxft.data import check_sources
 from jaxft.data.config import DataConfig
 from jaxft.errors import JaxftError
 from jaxft.schema import KeyDoc, describe, format_reference
@@ -147,7 +148,14 @@ def main(argv=None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         if args.check:
-            print(f"{args.config}: valid ({cfg.method_type} on {cfg.model.path}, output_dir {cfg.output_dir})")
+            stats = check_sources(cfg.data)
+            train = [s for s in stats if s.where.startswith("data.train")]
+            evals = [s for s in stats if s.where.startswith("data.eval")]
+            malformed = sum(s.malformed for s in stats)
+            print(f"{args.config}: valid ({cfg.method_type} on {cfg.model.path}, output_dir {cfg.output_dir}); "
+                  f"data: {sum(s.kept for s in train)} train and {sum(s.kept for s in evals)} eval records from "
+                  f"{len(cfg.data.train) + len(cfg.data.eval)} sources, {malformed} malformed"
+                  + (" (see python -m jaxft.data inspect)" if malformed else ""))
             return 0
         from jaxft.train.loop import run
 

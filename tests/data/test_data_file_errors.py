@@ -143,3 +143,15 @@ def test_yaml_config_errors_have_line_and_column(tmp_path):
         load_yaml(str(path))
     with pytest.raises(ConfigError, match="is a directory"):
         load_yaml(str(tmp_path))
+
+
+def test_check_sources_needs_no_tokenizer(tmp_path):
+    from jaxft.data import check_sources
+
+    train = write_jsonl(tmp_path / "t.jsonl", [chat("a", "b"), chat("a", "b"), "{oops", chat("c", "d"), chat("e", "f")])
+    stats = check_sources(DataConfig(train=(SourceConfig(train),), eval_size=1))
+    st, ev = stats
+    assert (st.read, st.malformed, st.duplicates, st.to_eval, st.kept) == (5, 1, 1, 1, 2)
+    assert (ev.where, ev.kept) == ("data.eval", 1)
+    with pytest.raises(FileFormatError, match=r"t\.jsonl line 3: not valid JSON"):
+        check_sources(DataConfig(train=(SourceConfig(train),), on_malformed="fail"))
