@@ -36,6 +36,8 @@ def test_export_round_trip_through_transformers(tiny, tmp_path):
     ids = np.random.RandomState(0).randint(0, config.vocab_size, (2, 9))
     with torch.no_grad():
         ref = model(torch.tensor(ids)).logits.numpy()
+    # 1e-5: largest measured 9.8e-7 (qwen2 and llama_gqa_tied, seeds 0-3, 3 inputs each), a 10x margin; a 1%
+    # scale error on any weight is ~1e-2
     assert rel_err(jaxft.forward(config, params, jnp.asarray(ids)), ref) <= 1e-5
     config2, params2 = jaxft.load_pretrained(str(out))
     assert config2 == config
