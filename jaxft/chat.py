@@ -11,6 +11,8 @@ import argparse
 import sys
 import time
 
+from jaxft.errors import FileFormatError, JaxftError
+
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m jaxft.chat", description=__doc__,
@@ -40,8 +42,8 @@ def main(argv=None) -> int:
             spec, adapter = peft.load_adapter(args.adapter, config)
             params = peft.bind(params, spec, adapter)
         if tokenizer.chat_template is None:
-            raise ValueError(f"{args.model}: the tokenizer has no chat template")
-    except (OSError, ValueError) as e:
+            raise FileFormatError(f"{args.model}: the tokenizer has no chat template; give a chat model")
+    except (JaxftError, OSError, ValueError) as e:  # every input error is a JaxftError; the others a backstop
         print(f"error: {e}", file=sys.stderr)
         return 2
     messages = ([{"role": "system", "content": args.system}] if args.system else []) + [

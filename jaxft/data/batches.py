@@ -12,6 +12,7 @@ from typing import Any, Iterator, Sequence
 import numpy as np
 
 from jaxft.data.packing import build_rows
+from jaxft.errors import ConfigError
 
 
 class Batches:
@@ -27,7 +28,7 @@ class Batches:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if not rows:
-            raise ValueError("no train rows to batch; check the data statistics (everything was dropped?)")
+            raise ConfigError("no train rows to batch; check the data statistics (everything was dropped?)")
         self.examples, self.rows = examples, list(rows)
         self.batch_size, self.seq_len, self.pad_id, self.seed = batch_size, seq_len, pad_id, seed
         self.epoch, self.position = 0, 0
@@ -50,14 +51,14 @@ class Batches:
         return {"epoch": self.epoch, "position": self.position, "num_rows": self.num_rows}
 
     def restore(self, state: dict[str, Any]) -> None:
-        """Continue from a `state()`; ValueError if it belongs to data with a different number of rows."""
+        """Continue from a `state()`; ConfigError if it belongs to data with a different number of rows."""
         epoch, position = int(state["epoch"]), int(state["position"])
         if "num_rows" in state and int(state["num_rows"]) != self.num_rows:
-            raise ValueError(
+            raise ConfigError(
                 f"batch state is for {state['num_rows']} rows but the data now packs into {self.num_rows}; resume with the same data config"
             )
         if not 0 <= position <= self.num_rows or epoch < 0:
-            raise ValueError(f"batch state epoch={epoch} position={position} is out of range for {self.num_rows} rows")
+            raise ConfigError(f"batch state epoch={epoch} position={position} is out of range for {self.num_rows} rows")
         self.epoch, self.position = epoch, position
         self._order = self._permutation(epoch)
 

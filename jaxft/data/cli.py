@@ -13,6 +13,8 @@ from typing import Sequence
 
 import numpy as np
 
+from jaxft.errors import JaxftError
+
 _GREEN, _RESET = "\x1b[1;32m", "\x1b[0m"
 
 
@@ -94,11 +96,9 @@ def _inspect(args) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `python -m jaxft.data`; returns the exit status (2 with a one-line message on a bad config)."""
-    from jaxft.schema import ConfigError
-
     args = _parser().parse_args(argv)
     try:
         return _inspect(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (JaxftError, ValueError, OSError) as e:  # every input error is a JaxftError; the others are a backstop
         print(f"error: {e}", file=sys.stderr)
         return 2

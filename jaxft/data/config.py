@@ -53,8 +53,11 @@ class SourceConfig:
 class DataConfig:
     """How the trainer's data is read and turned into packed token rows.
 
-    train / eval: the sources. With no eval source, `eval_size` (a record count) or `eval_fraction` carves an eval
-      split from the (deduplicated) train records, deterministically from `seed`.
+    train / eval: the sources, each a path string or a mapping with the keys of `SourceConfig` (`data.train[]`).
+    eval_size: with no eval source, carve this many records from the (deduplicated) train records as the eval split,
+      deterministically from `seed` (0 = none).
+    eval_fraction: with no eval source, carve this fraction of the train records instead (0 = none); set eval_size
+      or eval_fraction, not both.
     seq_len: tokens per row. An example longer than this is handled by `truncation`.
     packing: best-fit-decreasing packing of several examples per row (segment ids keep them apart); false = one
       example per row, right-padded.
@@ -65,6 +68,7 @@ class DataConfig:
     truncation: `drop` an over-long example, or cut it from the `left` while the final completion and at least one
       token before it still fit (else drop). A `text` record longer than seq_len is dropped under both policies.
     mixing: `weight` (p_i proportional to weight_i) or `temperature` (p_i proportional to N_i ** temperature).
+    temperature: the exponent of `mixing: temperature` (1 = proportional to size, 0 < t < 1 flattens the mix).
     on_malformed: `skip` (and count, with the first line numbers) or `fail` on the first malformed record.
     dedup: drop exact duplicate records (after whitespace normalisation) from train and from eval.
     decontaminate: drop train records that also appear in the eval split.
@@ -115,8 +119,9 @@ def _normalize_sources(value: Any) -> Any:
     return [{"path": v} if isinstance(v, str) else v for v in value]
 
 
-def data_config_from_dict(data: Mapping[str, Any] | None, where: str = "data") -> DataConfig:
-    """Build a `DataConfig` from the `data:` mapping of a YAML config; a source may be a plain path string."""
+def data_config_from_dict(data: Mapping[str, Any] | None, where: str = "data", known=()) -> DataConfig:
+    """Build a `DataConfig` from the `data:` mapping of a YAML config; a source may be a plain path string.
+    `known`: every dotted key of the whole config, so a key of another section written here is pointed there."""
     if data is None:
         raise ConfigError(f"{where}: missing; add a data section with at least `train: [path.jsonl]`")
     if not isinstance(data, Mapping):
@@ -127,4 +132,4 @@ def data_config_from_dict(data: Mapping[str, Any] | None, where: str = "data") -
             data[key] = _normalize_sources(data[key])
     if data.get("eval") is None:
         data.pop("eval", None)
-    return from_dict(DataConfig, data, where)
+    return from_dict(DataConfig, data, where, known)

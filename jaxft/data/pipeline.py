@@ -29,7 +29,7 @@ from jaxft.data.packing import efficiency, one_per_row, pack_bfd
 from jaxft.data.render import Example, Renderer, truncate
 from jaxft.data.sources import check_source_paths, read_source
 from jaxft.data.stats import SourceStats, SplitTotals, Stats
-from jaxft.schema import ConfigError
+from jaxft.errors import ConfigError, FileFormatError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,7 +62,8 @@ class Prepared:
 
 def _malformed(cfg: DataConfig, st: SourceStats, number: int, reason: str) -> None:
     if cfg.on_malformed == "fail":
-        raise ValueError(f"{st.where} {st.path} {st.unit} {number}: {reason}; fix the record or set data.on_malformed: skip")
+        raise FileFormatError(f"{st.where}: {st.path} {st.unit} {number}: {reason}; fix the record or set "
+                              "data.on_malformed: skip")
     st.add_malformed(number, reason)
 
 
@@ -163,16 +164,22 @@ def _pack(examples: list[Example], cfg: DataConfig) -> tuple[list[tuple[int, ...
     return rows, totals
 
 
-def prepare(cfg: DataConfig, tokenizer) -> Prepared:
-    """Read, filter, tokenize, mix and pack the data of `cfg` with `tokenizer` (an HF tokenizer)."""
+@dataclasses.dataclass
+class _Records:
+    """The parsed, deduplicated, carved and decontaminated conversations of every source, with their stats."""
+
+    train_sets: list[list[Conversation]]
+    train_stats: list[SourceStats]
+    eval_sets: list[list[Conversation]]
+    eval_stats: list[SourceStats]
+
+
+def _records(cfg: DataConfig) -> _Records:
+    """Steps 1-5 of `prepare`: everything that needs no tokenizer."""
     check_source_paths(cfg.train, "data.train")
     check_source_paths(cfg.eval, "data.eval")
-    renderer = Renderer(tokenizer, cfg.chat_template)
     loaded = [_load(cfg, s, i, f"data.train[{i}]") for i, s in enumerate(cfg.train)]
     eval_loaded = [_load(cfg, s, i, f"data.eval[{i}]") for i, s in enumerate(cfg.eval)]
-    for convs, st in loaded + eval_loaded:
-        if st.format != "text":
-            renderer.require_template(f"{st.where} {st.path} (format {st.format})")
     train_stats = [st for _, st in loaded]
     eval_stats = [st for _, st in eval_loaded]
     train_sets = [convs for convs, _ in loaded]
@@ -189,6 +196,33 @@ def prepare(cfg: DataConfig, tokenizer) -> Prepared:
         for i, (convs, st) in enumerate(zip(train_sets, train_stats)):
             train_sets[i] = [c for c in convs if c.key() not in eval_keys]
             st.decontaminated = len(convs) - len(train_sets[i])
+    for convs, st in zip(train_sets, train_stats):
+        if not convs:
+            _check_usable([], st, cfg)
+    return _Records(train_sets, train_stats, eval_sets, eval_stats)
+
+
+def check_sources(cfg: DataConfig) -> list[SourceStats]:
+    """Read and parse every source of `cfg` without a tokenizer (for `python -m jaxft.train --check`): the paths
+    exist, every file is readable (UTF-8, JSON), formats are detected, records parse (`on_malformed: fail` raises
+    on the first bad one), and the eval split fits in the data (`eval_size` / `eval_fraction` leave train records;
+    decontamination leaves some). Raises what `prepare` would raise for these; returns the per-source stats
+    (read, malformed, duplicates, to_eval, decontaminated; `kept` = records that reach tokenization). What needs
+    the tokenizer (the chat template, lengths against seq_len, packing) is checked by `prepare`."""
+    rec = _records(cfg)
+    for convs, st in zip(rec.train_sets + rec.eval_sets, rec.train_stats + rec.eval_stats):
+        st.kept = len(convs)
+    return rec.train_stats + rec.eval_stats
+
+
+def prepare(cfg: DataConfig, tokenizer) -> Prepared:
+    """Read, filter, tokenize, mix and pack the data of `cfg` with `tokenizer` (an HF tokenizer)."""
+    renderer = Renderer(tokenizer, cfg.chat_template)
+    rec = _records(cfg)
+    for st in rec.train_stats + rec.eval_stats:
+        if st.format not in ("text", "mixed"):  # a carved eval split ("mixed") holds train records, checked above
+            renderer.require_template(f"{st.where} {st.path} (format {st.format})")
+    train_sets, train_stats, eval_sets, eval_stats = rec.train_sets, rec.train_stats, rec.eval_sets, rec.eval_stats
 
     per_source = [_tokenize(cfg, renderer, convs, st) for convs, st in zip(train_sets, train_stats)]
     for examples, st in zip(per_source, train_stats):

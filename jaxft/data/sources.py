@@ -2,8 +2,14 @@
 
 A `.jsonl` file is read line by line with the `json` module, so that a malformed line is one skipped record with its
 1-based line number instead of a failed load (HF `datasets` refuses the whole file on one bad line, and gives no line
-numbers). Every other source (`.json`, `.parquet`, `.csv`, a directory, a hub name) goes through
-`datasets.load_dataset`; its records are numbered 1, 2, ... in file order ("record" numbers, not lines).
+numbers); the reason names the column (in characters) where parsing stopped. A `.json` file holding an array of
+records is read with the `json` module too (records numbered 1, 2, ...), and one holding a JSON object per line as
+JSONL. Every other source (`.parquet`, `.csv`, a directory, a hub name) goes through `datasets.load_dataset`; its
+records are numbered 1, 2, ... in file order ("record" numbers, not lines).
+
+A file that cannot be a data file at all is a one-line `FileFormatError` naming the source, the file and, where
+there is one, the line and column: empty, not UTF-8 (JSON, JSONL, CSV), not JSON (a `.json` file), unreadable by
+`datasets`. A UTF-8 byte-order mark at the start of a file is accepted.
 
 `check_source_paths` runs before anything is read, so a missing file is reported before a large file is parsed.
 """
@@ -18,7 +24,8 @@ import os
 from typing import Any, Iterator
 
 from jaxft.data.config import SourceConfig
-from jaxft.schema import ConfigError
+from jaxft.errors import ConfigError, FileFormatError
+from jaxft.io.files import decode_utf8, not_json, not_utf8, read_bytes
 
 _BUILDERS = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 _LOCAL_HINTS = (".jsonl", ".json", ".parquet", ".csv", ".arrow", ".txt", ".tsv")
@@ -76,26 +83,85 @@ def check_source_paths(sources: tuple[SourceConfig, ...], where: str) -> None:
             raise ConfigError(f"{at}: {src.path}: matches files of several kinds ({', '.join(sorted(exts))}); give one kind per source")
 
 
-def _read_jsonl(files: list[str], limit: int) -> Iterator[tuple[int, Any]]:
-    # Several files under one glob continue the numbering, as if they were concatenated.
+def _empty(at: str, file: str) -> FileFormatError:
+    return FileFormatError(f"{at}: {file}: is empty (no records); fill it or remove it from the config")
+
+
+def _read_lines(file: str, at: str) -> list[tuple[int, bytes]]:
+    """The non-blank lines of a JSONL file as (1-based line number, raw bytes); BOM dropped."""
+    data = read_bytes(file, "a JSONL data file")
+    if data.startswith(b"\xef\xbb\xbf"):
+        data = data[3:]
+    lines = [(n, raw) for n, raw in enumerate(data.split(b"\n"), 1) if raw.strip()]
+    if not lines:
+        raise _empty(at, file)
+    return lines
+
+
+def _parse_line(file: str, n: int, raw: bytes, at: str) -> Any:
+    """One JSONL record: a dict, or the reason (str) it is malformed. A line that is not UTF-8 fails the file."""
+    try:
+        line = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise FileFormatError(f"{at}: {not_utf8(file, raw, e, n)}") from None
+    try:
+        value = json.loads(line)
+    except json.JSONDecodeError as e:
+        return f"not valid JSON ({e.msg} at column {e.colno})"
+    return value if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object"
+
+
+def _read_jsonl(files: list[str], limit: int, at: str) -> Iterator[tuple[int, Any]]:
+    # Several files under one glob continue the numbering, as if they were concatenated; a malformed line's reason
+    # then names its own file and line.
     offset = 0
     count = 0
     for file in files:
-        with open(file, encoding="utf-8") as f:
-            n = 0
-            for n, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                if limit and count >= limit:
-                    return
-                count += 1
-                try:
-                    value = json.loads(line)
-                except json.JSONDecodeError as e:
-                    yield offset + n, f"not valid JSON ({e.msg} at column {e.colno})"
-                    continue
-                yield offset + n, value if isinstance(value, dict) else f"a JSON {type(value).__name__}, not an object"
-        offset += n
+        lines = _read_lines(file, at)
+        for n, raw in lines:
+            if limit and count >= limit:
+                return
+            count += 1
+            value = _parse_line(file, n, raw, at)
+            if isinstance(value, str) and len(files) > 1:
+                value = f"{os.path.basename(file)} line {n}: {value}"
+            yield offset + n, value
+        offset += lines[-1][0]
+
+
+def _read_json_file(file: str, limit: int, at: str) -> tuple[list[tuple[int, Any]], str]:
+    """A `.json` data file: an array of records ("record" numbers) or one object per line (JSONL, "line"
+    numbers)."""
+    text = decode_utf8(read_bytes(file, "a JSON data file"), file)
+    if not text.strip():
+        raise _empty(at, file)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg == "Extra data":  # several documents: JSON Lines under a .json name
+            return list(_read_jsonl([file], limit, at)), "line"
+        raise FileFormatError(f"{at}: {not_json(file, e)}") from None
+    if not isinstance(value, list):
+        raise FileFormatError(f"{at}: {file}: holds a JSON {type(value).__name__}; expected an array of records "
+                              "or one JSON object per line (JSONL)")
+    if not value:
+        raise _empty(at, file)
+    if limit:
+        value = value[:limit]
+    return [(i, v if isinstance(v, dict) else f"a JSON {type(v).__name__}, not an object")
+            for i, v in enumerate(value, 1)], "record"
+
+
+def _check_file(file: str, at: str) -> None:
+    """Before `datasets` reads a local file: empty, and (CSV) not UTF-8, reported with the line and column."""
+    data = read_bytes(file, "a data file")
+    if not data.strip():
+        raise _empty(at, file)
+    if file.lower().endswith(".csv"):
+        try:
+            decode_utf8(data, file)
+        except FileFormatError as e:
+            raise FileFormatError(f"{at}: {e}") from None
 
 
 @contextlib.contextmanager
@@ -124,8 +190,11 @@ def _read_datasets(src: SourceConfig, files: list[str], at: str) -> list[dict]:
                 ds = datasets.load_dataset(src.path, name=src.name, split=src.split)
         except Exception as e:  # datasets raises many types; all mean "this source cannot be read"
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            hint = "convert it to JSONL to skip bad records by line" if files else "check the name, split and network"
-            raise ConfigError(f"{at}: {src.path}: could not load ({type(e).__name__}: {msg[:300]}); {hint}") from None
+            if files:
+                raise FileFormatError(f"{at}: {src.path}: could not load ({type(e).__name__}: {msg[:300]}); check "
+                                      "the file, or convert it to JSONL to skip bad records by line") from None
+            raise ConfigError(f"{at}: {src.path}: could not load ({type(e).__name__}: {msg[:300]}); check the "
+                              "name, split and network") from None
     if src.limit:
         ds = ds.select(range(min(src.limit, len(ds))))
     return ds.to_list()
@@ -136,9 +205,14 @@ def read_source(src: SourceConfig, where: str) -> RawSource:
     path = os.path.expanduser(src.path)
     files = _expand(path)
     if files and all(f.lower().endswith(".jsonl") for f in files):
-        records = list(_read_jsonl(files, src.limit))
+        records = list(_read_jsonl(files, src.limit, where))
         unit = "line"
+    elif len(files) == 1 and os.path.isfile(files[0]) and files[0].lower().endswith(".json"):
+        records, unit = _read_json_file(files[0], src.limit, where)
     else:
+        for f in files:
+            if os.path.isfile(f):
+                _check_file(f, where)
         records = list(enumerate(_read_datasets(src, files, where), 1))
         unit = "record"
     columns: dict[str, None] = {}

@@ -10,8 +10,9 @@ import os
 import re
 import numpy as np
 
+from jaxft.errors import FileFormatError, UnsupportedConfigError
 from jaxft.io.stored import StoredTensor
-from jaxft.models.config import LlamaConfig, RopeScaling, UnsupportedConfigError
+from jaxft.models.config import LlamaConfig, RopeScaling
 
 _ARCHS = {"llama": "llama", "qwen2": "qwen2"}
 _LAYER = {
@@ -36,60 +37,96 @@ def open_gguf(path: str):
     """A `gguf.GGUFReader` with a one-line error for a missing, truncated or foreign file."""
     from gguf import GGUFReader
 
+    if not os.path.isfile(path):
+        what = "is a directory, not" if os.path.isdir(path) else "no such file; expected"
+        raise FileFormatError(f"{path}: {what} a GGUF model file; check the path")
+    if os.path.getsize(path) == 0:
+        raise FileFormatError(f"{path}: is empty (0 bytes); download the GGUF file again")
     try:
         return GGUFReader(path)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: no such GGUF file") from None
-    except Exception as e:  # gguf raises ValueError/struct.error/IndexError on damaged files
-        raise ValueError(f"{path}: not a readable GGUF file (truncated or corrupt: {type(e).__name__}: {e})") from None
+    except Exception as e:  # gguf raises ValueError/struct.error/IndexError/KeyError on damaged files
+        raise FileFormatError(f"{path}: not a readable GGUF file (truncated or corrupt: {type(e).__name__}: {e}); "
+                              "download it again") from None
 
 
-def _field(reader, key: str, default=None):
+_MISSING = object()
+
+
+def _field(reader, key: str, default=_MISSING, path: str = "", kind=None):
+    """The metadata value `key`; without a `default`, a missing key is a `FileFormatError` naming it. `kind`
+    (int, float) converts the value, and a value it cannot convert is an error naming the key."""
     f = reader.fields.get(key)
     if f is None:
+        if default is _MISSING:
+            raise FileFormatError(f"{path}: GGUF metadata '{key}' is missing; the file was not written by a "
+                                  "Llama-family converter (llama.cpp convert_hf_to_gguf.py writes it)")
         return default
-    return f.contents()
+    value = f.contents()
+    if kind is not None:
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise FileFormatError(f"{path}: GGUF metadata '{key}' is {value!r}, expected a number") from None
+    return value
 
 
 def config_from_gguf(reader, path: str = "") -> LlamaConfig:
-    """The `LlamaConfig` described by a GGUF file's metadata."""
-    arch = _field(reader, "general.architecture")
+    """The `LlamaConfig` described by a GGUF file's metadata; a missing or non-numeric metadata key is a
+    `FileFormatError` naming it, a feature jaxft does not implement an `UnsupportedConfigError`, both starting
+    with `path`."""
+    try:
+        return _config_from_gguf(reader, path)
+    except UnsupportedConfigError as e:
+        if str(e).startswith(f"{path}: "):
+            raise
+        raise UnsupportedConfigError(f"{path}: {e}") from None
+
+
+def _config_from_gguf(reader, path: str) -> LlamaConfig:
+    arch = _field(reader, "general.architecture", path=path)
     if arch not in _ARCHS:
         raise UnsupportedConfigError(f"{path}: GGUF architecture '{arch}' is not supported (supported: llama, qwen2)")
     a = arch
-    heads = int(_field(reader, f"{a}.attention.head_count"))
-    hidden = int(_field(reader, f"{a}.embedding_length"))
+    def need(key, kind=int, default=_MISSING):
+        return _field(reader, key, default, path, kind)
+
+    heads = need(f"{a}.attention.head_count")
+    hidden = need(f"{a}.embedding_length")
     names = {t.name for t in reader.tensors}
-    vocab = _field(reader, f"{a}.vocab_size")
+    vocab = need(f"{a}.vocab_size", int, None)
     if vocab is None:
-        vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-    rope_type = _field(reader, f"{a}.rope.scaling.type", "none")
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        if tokens is None:
+            raise FileFormatError(f"{path}: GGUF metadata '{a}.vocab_size' and 'tokenizer.ggml.tokens' are both "
+                                  "missing, so the vocabulary size is unknown; convert the model again")
+        vocab = len(tokens.data)
+    rope_type = _field(reader, f"{a}.rope.scaling.type", "none", path)
     if "rope_freqs.weight" in names or rope_type not in ("none", "linear"):
         raise UnsupportedConfigError(f"{path}: GGUF RoPE scaling '{rope_type}' (or a rope_freqs tensor) is not supported")
     scaling = RopeScaling()
     if rope_type == "linear":
-        scaling = RopeScaling("linear", factor=float(_field(reader, f"{a}.rope.scaling.factor")))
-    head_dim = int(_field(reader, f"{a}.rope.dimension_count", hidden // heads))
-    window = _field(reader, f"{a}.attention.sliding_window")
+        scaling = RopeScaling("linear", factor=need(f"{a}.rope.scaling.factor", float))
+    head_dim = need(f"{a}.rope.dimension_count", int, hidden // heads)
+    window = need(f"{a}.attention.sliding_window", int, None)
     return LlamaConfig(
         vocab_size=int(vocab),
         hidden_size=hidden,
-        intermediate_size=int(_field(reader, f"{a}.feed_forward_length")),
-        num_hidden_layers=int(_field(reader, f"{a}.block_count")),
+        intermediate_size=need(f"{a}.feed_forward_length"),
+        num_hidden_layers=need(f"{a}.block_count"),
         num_attention_heads=heads,
-        num_key_value_heads=int(_field(reader, f"{a}.attention.head_count_kv", heads)),
+        num_key_value_heads=need(f"{a}.attention.head_count_kv", int, heads),
         head_dim=head_dim,
         model_type=_ARCHS[arch],
-        max_position_embeddings=int(_field(reader, f"{a}.context_length", 2048)),
-        rms_norm_eps=float(_field(reader, f"{a}.attention.layer_norm_rms_epsilon", 1e-6)),
-        rope_theta=float(_field(reader, f"{a}.rope.freq_base", 10000.0)),
+        max_position_embeddings=need(f"{a}.context_length", int, 2048),
+        rms_norm_eps=need(f"{a}.attention.layer_norm_rms_epsilon", float, 1e-6),
+        rope_theta=need(f"{a}.rope.freq_base", float, 10000.0),
         rope_scaling=scaling,
         tie_word_embeddings="output.weight" not in names,
         qkv_bias="blk.0.attn_q.bias" in names,
-        sliding_window=int(window) if window else None,
-        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id"),
-        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id"),
-        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id"),
+        sliding_window=window or None,
+        bos_token_id=_field(reader, "tokenizer.ggml.bos_token_id", None),
+        eos_token_id=_field(reader, "tokenizer.ggml.eos_token_id", None),
+        pad_token_id=_field(reader, "tokenizer.ggml.padding_token_id", None),
     )
 
 
@@ -119,7 +156,7 @@ def _decoder(qtype, name: str, path: str):
         try:
             return np.asarray(dequantize(raw, qtype), dtype=np.float32)
         except Exception as e:
-            raise ValueError(f"{path}: cannot dequantise tensor '{name}' ({qtype.name}): {e}") from None
+            raise FileFormatError(f"{path}: cannot dequantise tensor '{name}' ({qtype.name}): {e}") from None
 
     return decode
 
@@ -136,11 +173,11 @@ def gguf_model(path: str) -> tuple[LlamaConfig, list[StoredTensor]]:
     for t in reader.tensors:
         name = hf_name(t.name)
         if name is None:
-            raise ValueError(f"{path}: unexpected GGUF tensor '{t.name}' for a {config.model_type} model")
+            raise FileFormatError(f"{path}: unexpected GGUF tensor '{t.name}' for a {config.model_type} model")
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dimensions innermost first
         offset, nbytes = int(t.data_offset), int(t.n_bytes)
         if offset + nbytes > size:
-            raise ValueError(f"{path}: not a readable GGUF file (truncated or corrupt: tensor '{t.name}' ends "
+            raise FileFormatError(f"{path}: not a readable GGUF file (truncated or corrupt: tensor '{t.name}' ends "
                              f"at byte {offset + nbytes} of a {size}-byte file)")
         order = None
         if config.model_type == "llama" and (".attn_q." in t.name or ".attn_k." in t.name):

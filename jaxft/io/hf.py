@@ -7,19 +7,22 @@ plus one slab, and a half-filled tree is never handed out.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
 import shutil
 import tempfile
-from typing import Any
+from typing import Any, Mapping
 
 import jax
 import ml_dtypes
 import numpy as np
 
+from jaxft.errors import ConfigError, FileFormatError, JaxftError
 from jaxft.io.convert import TensorEntry, iter_hf_tensors, tensor_table
 from jaxft.io.default import resolve_model_path
+from jaxft.io.files import read_json
 from jaxft.io.stored import StoredTensor, safetensors_tensors
 from jaxft.models.config import LlamaConfig, from_hf, to_hf
 
@@ -31,28 +34,65 @@ _DTYPES = {"float32": np.float32, "fp32": np.float32, "bfloat16": ml_dtypes.bflo
 def _np_dtype(dtype) -> np.dtype:
     if isinstance(dtype, str):
         if dtype not in _DTYPES:
-            raise ValueError(f"dtype '{dtype}' is not supported (use float32, bfloat16 or float16)")
+            raise ConfigError(f"dtype '{dtype}' is not supported (use float32, bfloat16 or float16)")
         return np.dtype(_DTYPES[dtype])
     return np.dtype(dtype)
 
 
-def _read_json(path: str) -> dict:
+_FROM_HF_TAKES_SOURCE = "source" in inspect.signature(from_hf).parameters
+
+
+def config_from_hf_file(path: str) -> LlamaConfig:
+    """The `LlamaConfig` of an HF `config.json` file; every problem with the file is a one-line jaxft error that
+    starts with its path: not JSON / not UTF-8 / empty (`FileFormatError`), a missing or mistyped field
+    (`FileFormatError` naming the field), a feature jaxft does not implement (`UnsupportedConfigError`)."""
+    d = read_json(path, "an HF model config.json")
+    return _from_hf(d, path)
+
+
+# Fields every Llama-family config.json has, read as integers: checked here so that a missing or null one is named.
+_REQUIRED_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+
+
+def _from_hf(d: Mapping[str, Any], path: str) -> LlamaConfig:
+    for key in _REQUIRED_INTS:
+        value = d.get(key)
+        if value is None:
+            state = "missing" if key not in d else "null"
+            raise FileFormatError(f"{path}: field '{key}' is {state}; every Llama-family config.json sets it "
+                                  "(copy the model's original config.json)")
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise FileFormatError(f"{path}: field '{key}' is {value!r}, expected an integer")
     try:
-        with open(path) as f:
-            return json.load(f)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: missing") from None
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e.msg} at line {e.lineno})") from None
+        if _FROM_HF_TAKES_SOURCE:  # from_hf names the file itself
+            return from_hf(d, source=path)
+        return from_hf(d)
+    except KeyError as e:
+        key = str(e.args[0])
+        section = next((s for s in ("rope_scaling", "rope_parameters") if isinstance(d.get(s), Mapping)), None)
+        field = f"{section}.{key}" if section and key in _ROPE_KEYS else key
+        raise FileFormatError(f"{path}: missing field '{field}'; an HF config.json of this model type sets it "
+                              "(copy the model's original config.json)") from None
+    except JaxftError as e:
+        msg = str(e)
+        if msg.startswith(f"{path}: "):
+            raise
+        raise type(e)(f"{path}: {msg}") from None
+    except (TypeError, ValueError) as e:
+        msg = f"{path}: a field has a value of the wrong type ({e}); check the numbers in the file"
+        raise FileFormatError(msg) from None
 
 
 def _safetensors_files(model_dir: str) -> list[str]:
     index = os.path.join(model_dir, "model.safetensors.index.json")
     single = os.path.join(model_dir, "model.safetensors")
     if os.path.exists(index):
-        files = sorted(set(_read_json(index).get("weight_map", {}).values()))
-        if not files:
-            raise ValueError(f"{index}: empty weight_map")
+        weight_map = read_json(index, "a safetensors index (model.safetensors.index.json)").get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise FileFormatError(f"{index}: no 'weight_map' (or an empty one); the index is damaged: "
+                                  "save the model again or delete the index of a single-file model")
+        files = sorted(set(weight_map.values()))
         return [os.path.join(model_dir, f) for f in files]
     if os.path.exists(single):
         return [single]
@@ -60,9 +100,10 @@ def _safetensors_files(model_dir: str) -> list[str]:
     if found:
         return [os.path.join(model_dir, f) for f in found]
     if any(f.endswith(".bin") for f in os.listdir(model_dir)):
-        raise ValueError(f"{model_dir}: holds PyTorch .bin weights only; convert them to safetensors "
+        raise FileFormatError(f"{model_dir}: holds PyTorch .bin weights only; convert them to safetensors "
                          "(transformers: model.save_pretrained(dir, safe_serialization=True))")
-    raise FileNotFoundError(f"{model_dir}: no model.safetensors or model.safetensors.index.json")
+    raise FileFormatError(f"{model_dir}: no model.safetensors or model.safetensors.index.json; the directory "
+                          "holds no weights jaxft can read")
 
 
 def _host_buffer(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np.ndarray:
@@ -85,14 +126,14 @@ def _fill(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dtype, wher
         if e is None:
             if t.name.endswith(_BENIGN_EXTRA) or (t.name == "lm_head.weight" and config.tie_word_embeddings):
                 continue
-            raise ValueError(f"{where}: unexpected tensor '{t.name}' for a {config.model_type} model with this config")
+            raise FileFormatError(f"{where}: unexpected tensor '{t.name}' for a {config.model_type} model with this config")
         if t.shape != e.hf_shape:
-            raise ValueError(f"{where}: tensor '{t.name}' has shape {t.shape}, the config expects {e.hf_shape}")
+            raise FileFormatError(f"{where}: tensor '{t.name}' has shape {t.shape}, the config expects {e.hf_shape}")
         found[t.name] = t
     missing = [n for n in table if n not in found]
     if missing:
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
-        raise ValueError(f"{where}: missing tensors {', '.join(missing[:3])}{more}; the file is incomplete or "
+        raise FileFormatError(f"{where}: missing tensors {', '.join(missing[:3])}{more}; the file is incomplete or "
                          "does not match its config")
     buffers: dict[tuple[str, ...], np.ndarray] = {}
     for e in table.values():
@@ -118,19 +159,19 @@ def load_config(path: str) -> LlamaConfig:
     """The `LlamaConfig` of an HF directory, a `.gguf` file or the embedded model, without reading weights."""
     path = resolve_model_path(path)
     if os.path.isdir(path):
-        return from_hf(_read_json(os.path.join(path, "config.json")))
-    if path.endswith(".gguf"):
+        return config_from_hf_file(os.path.join(path, "config.json"))
+    if path.endswith(".gguf") and os.path.isfile(path):
         from jaxft.io.gguf import config_from_gguf, open_gguf
 
         return config_from_gguf(open_gguf(path), path)
     raise _bad_path(path)
 
 
-def _bad_path(path: str) -> Exception:
+def _bad_path(path: str) -> JaxftError:
     if not os.path.exists(path):
-        return FileNotFoundError(f"{path}: no such file or directory (expected an HF model directory, a .gguf file "
-                                 "or 'smollm2-135m-instruct')")
-    return ValueError(f"{path}: not an HF model directory, a .gguf file or 'smollm2-135m-instruct'")
+        return FileFormatError(f"{path}: no such file or directory (expected an HF model directory, a .gguf file, "
+                               "a Hub id org/name or 'smollm2-135m-instruct'); check the path")
+    return FileFormatError(f"{path}: not an HF model directory, a .gguf file or 'smollm2-135m-instruct'")
 
 
 def load_pretrained(path: str, dtype="float32") -> tuple[LlamaConfig, dict]:
@@ -141,7 +182,7 @@ def load_pretrained(path: str, dtype="float32") -> tuple[LlamaConfig, dict]:
     np_dtype = _np_dtype(dtype)
     path = resolve_model_path(path)
     if os.path.isdir(path):
-        config = from_hf(_read_json(os.path.join(path, "config.json")))
+        config = config_from_hf_file(os.path.join(path, "config.json"))
         stored = [t for f in _safetensors_files(path) for t in safetensors_tensors(f)]
     elif path.endswith(".gguf") and os.path.isfile(path):
         from jaxft.io.gguf import gguf_model

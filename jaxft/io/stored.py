@@ -21,6 +21,8 @@ from typing import Callable, Iterator
 import ml_dtypes
 import numpy as np
 
+from jaxft.errors import FileFormatError
+
 SLAB_BYTES = 16 << 20  # float32 bytes per slab handed to the loader
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
@@ -57,7 +59,7 @@ class StoredTensor:
                 raw = np.empty((n, row_bytes), np.uint8)
                 f.seek(self.offset + r0 * row_bytes)
                 if f.readinto(raw) != raw.nbytes:
-                    raise ValueError(f"{self.path}: tensor '{self.name}' ends past the end of the file "
+                    raise FileFormatError(f"{self.path}: tensor '{self.name}' ends past the end of the file "
                                      "(truncated or corrupt)")
                 rows = self.decode(raw)
                 yield r0, rows.reshape((n, *self.shape[1:])) if self.shape else rows.reshape(())
@@ -80,14 +82,16 @@ class StoredTensor:
             dst[self._dest(r0, len(rows))] = rows
 
 
-def _corrupt(path: str, why: str) -> ValueError:
-    return ValueError(f"{path}: unreadable safetensors file (truncated or corrupt: {why})")
+def _corrupt(path: str, why: str) -> FileFormatError:
+    return FileFormatError(f"{path}: unreadable safetensors file (truncated or corrupt: {why}); download or save "
+                           "it again")
 
 
 def safetensors_tensors(path: str) -> list[StoredTensor]:
     """The tensors of one `.safetensors` file, from its header; checks every tensor lies inside the file."""
     if not os.path.exists(path):
-        raise FileNotFoundError(f"{path}: shard listed in the index is missing")
+        raise FileFormatError(f"{path}: missing, yet model.safetensors.index.json lists it; copy the whole model "
+                              "directory again")
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -100,20 +104,24 @@ def safetensors_tensors(path: str) -> list[StoredTensor]:
             header = json.loads(f.read(n))
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise _corrupt(path, f"header is not JSON: {e}") from None
+        if not isinstance(header, dict):
+            raise _corrupt(path, f"header is a JSON {type(header).__name__}, not an object")
     base = 8 + n
     out = []
     for name, info in header.items():
         if name == "__metadata__":
             continue
+        if not isinstance(info, dict) or any(k not in info for k in ("dtype", "shape", "data_offsets")):
+            raise _corrupt(path, f"header entry '{name}' lacks dtype, shape or data_offsets")
+        if info["dtype"] not in _ST_DTYPES:
+            raise FileFormatError(f"{path}: tensor '{name}' has dtype {info['dtype']}; jaxft reads floating "
+                                  f"weights ({', '.join(_ST_DTYPES)}): convert the checkpoint to float")
         try:
             dtype = np.dtype(_ST_DTYPES[info["dtype"]])
             shape = tuple(int(d) for d in info["shape"])
             start, end = (int(x) for x in info["data_offsets"])
-        except KeyError as e:
-            if e.args and e.args[0] == info.get("dtype"):
-                raise ValueError(f"{path}: tensor '{name}' has dtype {info['dtype']}; jaxft reads floating "
-                                 f"weights ({', '.join(_ST_DTYPES)})") from None
-            raise _corrupt(path, f"header entry '{name}' lacks {e}") from None
+        except (TypeError, ValueError) as e:
+            raise _corrupt(path, f"header entry '{name}' is malformed ({e})") from None
         if end - start != math.prod(shape) * dtype.itemsize:
             raise _corrupt(path, f"tensor '{name}' spans {end - start} bytes for shape {shape} {info['dtype']}")
         if base + end > size:

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import re
 from typing import Any, Literal, Mapping
 
 from jaxft import peft
 from jaxft.data.config import DataConfig, data_config_from_dict
-from jaxft.schema import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
+from jaxft.schema import ConfigError, apply_overrides, describe, from_dict, load_yaml, to_dict
 from jaxft.train.optim import OptimConfig
 
 REPORTERS = ("tensorboard", "wandb")
@@ -160,12 +161,14 @@ def method_name(spec) -> str:
 
 
 def parse_config(raw: Mapping[str, Any], where: str = "config") -> TrainConfig:
-    """Build and validate a TrainConfig from a plain dict."""
+    """Build and validate a TrainConfig from a plain dict. An unknown key's message suggests the key it means
+    (`jaxft.schema.suggest`: HF/TRL/peft names, a key of another section, then the closest spelling)."""
     raw = dict(raw)
     if "data" not in raw:
         raise ConfigError(f"{where}: missing required section 'data' (train: [path/to/train.jsonl])")
-    data = data_config_from_dict(raw.pop("data"), "data")
-    cfg = from_dict(TrainConfig, dict(raw, data=data), "")
+    known = [r.key for r in describe(TrainConfig)]
+    data = data_config_from_dict(raw.pop("data"), "data", known)
+    cfg = from_dict(TrainConfig, dict(raw, data=data), "", known)
     method_spec(cfg.method)  # validate now, before any compute
     init_from = cfg.method.get("init_from")
     if init_from is not None and not isinstance(init_from, str):
@@ -174,12 +177,28 @@ def parse_config(raw: Mapping[str, Any], where: str = "config") -> TrainConfig:
 
 
 def load_config(path: str, overrides: list[str] | tuple[str, ...] = ()) -> TrainConfig:
-    """Read `path` (YAML), apply dotted overrides, validate."""
+    """Read `path` (YAML), apply dotted overrides, validate. An error is blamed on the command-line override that
+    set the key it concerns (`override 'optim.lr=-1': optim.lr: ...`), otherwise on the YAML file."""
     raw = apply_overrides(load_yaml(path), list(overrides))
     try:
         return parse_config(raw, path)
     except ConfigError as e:
-        raise ConfigError(f"{path}: {e}") from None
+        raise ConfigError(f"{_blame(str(e), path, overrides)}: {e}") from None
+
+
+def _blame(message: str, path: str, overrides: list[str] | tuple[str, ...]) -> str:
+    """Where an error comes from: the last override that set the key (or a key inside the section) the message
+    starts with, else the YAML file."""
+    head = message.split(": ", 1)[0]
+    unknown = re.match(r"[^:]*: unknown key '([^']*)'", message)
+    key = f"{head}.{unknown.group(1)}" if unknown and head not in ("", "config") else (
+        unknown.group(1) if unknown else head)
+    key = re.sub(r"\[\d+\]", "", key)
+    for item in reversed(list(overrides)):
+        set_key = re.sub(r"\[\d+\]", "", item.split("=", 1)[0].strip())
+        if key == set_key or key.startswith(f"{set_key}.") or set_key.startswith(f"{key}."):
+            return f"override '{item}'"
+    return path
 
 
 def resolved_dict(cfg: TrainConfig) -> dict[str, Any]:

@@ -38,6 +38,8 @@ def test_export_round_trip_through_transformers(tiny, tmp_path):
     ids = np.random.RandomState(0).randint(0, config.vocab_size, (2, 9))
     with torch.no_grad():
         ref = model(torch.tensor(ids)).logits.numpy()
+    # 1e-5: largest measured 9.8e-7 (qwen2 and llama_gqa_tied, seeds 0-3, 3 inputs each), a 10x margin; a 1%
+    # scale error on any weight is ~1e-2
     assert rel_err(jaxft.forward(config, params, jnp.asarray(ids)), ref) <= 1e-5
     config2, params2 = jaxft.load_pretrained(str(out))
     assert config2 == config
@@ -69,7 +71,7 @@ def _one_line(excinfo):
 
 
 def test_bad_paths(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no such file") as e:
+    with pytest.raises(jaxft.FileFormatError, match="no such file") as e:
         jaxft.load_pretrained(str(tmp_path / "nope"))
     _one_line(e)
     (tmp_path / "weights.txt").write_text("x")
@@ -77,7 +79,7 @@ def test_bad_paths(tmp_path):
         jaxft.load_pretrained(str(tmp_path / "weights.txt"))
     _one_line(e)
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="config.json") as e:
+    with pytest.raises(jaxft.FileFormatError, match="config.json") as e:
         jaxft.load_pretrained(str(tmp_path / "empty"))
     _one_line(e)
 
@@ -126,7 +128,7 @@ def test_truncated_missing_and_misshapen_tensors(tiny, tmp_path):
 
 
 def test_gguf_errors(tmp_path):
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(jaxft.FileFormatError, match="no such file"):
         jaxft.load_pretrained(str(tmp_path / "model.gguf"))
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF\x03\x00\x00\x00garbage")
