@@ -20,6 +20,7 @@ import numpy as np
 
 import jaxft
 from jaxft import peft
+from jaxft.io.default import base_model_id, weights_provenance
 from jaxft.schema import to_dict
 from jaxft.train.step import StaticModel
 from jaxft.train.verify import plan_verify, probe_logits, verify_adapter, verify_available, verify_merged
@@ -50,10 +51,13 @@ def model_card(cfg, kind: str, metrics: dict[str, Any], verify: str, notes: list
     hp = json.dumps({"method": dict(cfg.method), "optim": to_dict(cfg.optim), "train": to_dict(cfg.train),
                      "seq_len": cfg.data.seq_len}, indent=2)
     m = "\n".join(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |" for k, v in metrics.items())
-    limits = "\n".join(f"- {n}" for n in notes) or "- none recorded"
+    limits = "\n".join(f"- {n}" for n in notes)
+    limits = f"\n## Known limits\n{limits}\n" if limits else ""
     return f"""# {kind} trained with jaxft
 
-Base model: `{cfg.model.path}`. Method: `{cfg.method_type}`.
+Base model: `{base_model_id(cfg.model.path)}` (`model.path: {cfg.model.path}`). Method: `{cfg.method_type}`.
+
+Weights: {weights_provenance(cfg.model.path)}.
 
 ## Data
 | file | sha256 |
@@ -72,10 +76,7 @@ Base model: `{cfg.model.path}`. Method: `{cfg.method_type}`.
 
 ## Verification
 {verify}
-
-## Known limits
-{limits}
-"""
+{limits}"""
 
 
 def _probe(prepared) -> np.ndarray:
@@ -171,7 +172,7 @@ def export_all(cfg, model: StaticModel, trainable, frozen, tokenizer, prepared, 
         with warnings.catch_warnings():  # the serving caveat is said once, in the summary
             warnings.filterwarnings("ignore", message=".*vLLM will not serve")
             reasons = peft.save_adapter(model.spec, trainable, d, model.config,
-                                        base_model_name_or_path=cfg.model.path) or []
+                                        base_model_name_or_path=base_model_id(cfg.model.path)) or []
         if reasons:
             out["serving"] = "vLLM will not serve this adapter: " + "; ".join(reasons)
         notes += list(reasons)
