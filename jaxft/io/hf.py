@@ -84,7 +84,7 @@ def _from_hf(d: Mapping[str, Any], path: str) -> LlamaConfig:
         raise FileFormatError(msg) from None
 
 
-def _safetensors_files(model_dir: str) -> list[str]:
+def safetensors_files(model_dir: str) -> list[str]:
     index = os.path.join(model_dir, "model.safetensors.index.json")
     single = os.path.join(model_dir, "model.safetensors")
     if os.path.exists(index):
@@ -183,7 +183,7 @@ def load_pretrained(path: str, dtype="float32") -> tuple[LlamaConfig, dict]:
     path = resolve_model_path(path)
     if os.path.isdir(path):
         config = config_from_hf_file(os.path.join(path, "config.json"))
-        stored = [t for f in _safetensors_files(path) for t in safetensors_tensors(f)]
+        stored = [t for f in safetensors_files(path) for t in safetensors_tensors(f)]
     elif path.endswith(".gguf") and os.path.isfile(path):
         from jaxft.io.gguf import gguf_model
 

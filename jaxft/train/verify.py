@@ -31,8 +31,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.io.default import resolve_model_path
+from jaxft.io.files import read_json
 from jaxft.io.gguf import gguf_model
-from jaxft.io.hf import _read_json, _safetensors_files  # the loader's own file discovery (index or single file)
+from jaxft.io.hf import safetensors_files  # the loader's own file discovery (index or single file)
 from jaxft.models.config import LlamaConfig, to_hf
 from jaxft.models.llama import head_weight
 from jaxft.models.params import layer_specs, param_specs
@@ -198,8 +199,8 @@ def _source_tensors(src: str, k: int) -> tuple[dict, Iterator[tuple[str, Any]]]:
     if src.endswith(".gguf"):
         config, stored = gguf_model(src)
         return to_hf(config), ((t.name, torch.from_numpy(t.array())) for t in stored if _keep(t.name, k))
-    hf = _read_json(os.path.join(src, "config.json"))
-    files = _safetensors_files(src)
+    hf = read_json(os.path.join(src, "config.json"), "a model config.json")
+    files = safetensors_files(src)
 
     def tensors():
         from safetensors import safe_open
