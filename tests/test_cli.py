@@ -51,7 +51,7 @@ def test_broken_model_config_is_one_line(tmp_path, capsys):
 # ---- the config reference and "did you mean" -------------------------------------------------------------------
 
 from jaxft.schema import ALIASES, ConfigError, suggest  # noqa: E402
-from jaxft.train import __main__ as cli  # noqa: E402
+from jaxft.train import reference  # noqa: E402
 from jaxft.train.config import load_config  # noqa: E402
 
 
@@ -68,7 +68,7 @@ def test_help_config_lists_every_key():
 
 
 def test_every_alias_points_at_a_key_that_exists():
-    keys = set(cli.all_keys())
+    keys = set(reference.all_keys())
     stale = {alias: target for alias, (target, _) in ALIASES.items() if target not in keys}
     assert not stale, f"ALIASES point at keys the config no longer has: {stale}"
 
@@ -126,16 +126,24 @@ def test_errors_from_the_yaml_blame_the_yaml(tmp_path):
 # ---- --check reads the data without weights or a tokenizer ---------------------------------------------------------
 
 
-def _check_config(tmp_path, **data) -> str:
-    return _write(tmp_path, {"output_dir": str(tmp_path / "out"), "model": {"path": str(tmp_path / "no-model")},
+def _check_config(tmp_path, model: str | None = None, **data) -> str:
+    return _write(tmp_path, {"output_dir": str(tmp_path / "out"), "model": {"path": model or str(tmp_path / "no-model")},
                              "data": data}, name="check.yaml")
 
 
 def test_check_reads_the_data(tmp_path, capsys):
     good = _jsonl(tmp_path / "d.jsonl", n=6)
-    # the model path is not touched by --check (no weights, no tokenizer)
-    assert main([_check_config(tmp_path, train=[good], eval_size=2), "--check"]) == 0
-    assert "data: 4 train and 2 eval records from 1 sources, 0 malformed" in capsys.readouterr().out
+    # the data is read first (no tokenizer), then the trainer's checks read the model's config and tokenizer, no weights
+    assert main([_check_config(tmp_path, "smollm2-135m-instruct", train=[good], eval_size=2), "--check"]) == 0
+    out = capsys.readouterr().out
+    assert "data: 4 train and 2 eval records from 1 sources, 0 malformed" in out
+    assert "valid: lora on smollm2-135m-instruct" in out and not os.path.exists(tmp_path / "out")
+
+
+def test_check_refuses_a_missing_model(tmp_path, capsys):
+    good = _jsonl(tmp_path / "d.jsonl", n=6)
+    assert main([_check_config(tmp_path, train=[good], eval_size=2), "--check"]) == 2
+    assert f"{tmp_path}/no-model: no such file or directory" in _err(capsys)
 
 
 @pytest.mark.parametrize("data, expected", [

@@ -14,7 +14,7 @@ from jaxft.peft.arithmetic import add_weighted_adapter
 from jaxft.peft.io import load_adapter, peft_loadable, save_adapter
 from jaxft.peft.merge import dora_norms, merge, mergeable, unmerge
 from jaxft.peft.prompt import adds_inputs, check_unpacked, generation_inputs, num_virtual_tokens, prompt_inputs
-from jaxft.peft.registry import method_name, method_names, spec_from_dict
+from jaxft.peft.registry import method_name, method_names, spec_class, spec_from_dict
 from jaxft.peft.serve import VLLM_RANKS, to_lora, vllm_warnings
 from jaxft.peft.specs import (BitFitSpec, DoraSpec, HoulsbySpec, IA3Spec, LoraSpec, PrefixTuningSpec,
                               PromptTuningSpec)
@@ -26,5 +26,5 @@ __all__ = [
     "PrefixTuningSpec", "PromptTuningSpec", "VLLM_RANKS", "add_weighted_adapter", "adds_inputs", "bind",
     "check_unpacked", "dora_norms", "generation_inputs", "init", "load_adapter", "logical_axes", "mask_updates",
     "merge", "mergeable", "method_name", "method_names", "num_virtual_tokens", "peft_loadable", "prompt_inputs",
-    "save_adapter", "spec_from_dict", "to_lora", "trainable_mask", "unmerge", "vllm_warnings",
+    "save_adapter", "spec_class", "spec_from_dict", "to_lora", "trainable_mask", "unmerge", "vllm_warnings",
 ]

@@ -54,6 +54,11 @@ def method_name(spec: Any) -> str:
     return method_for(spec).name
 
 
+def spec_class(name: str) -> type:
+    """The spec dataclass of method `name` (`'lora'` -> `LoraSpec`)."""
+    return method_named(name).spec
+
+
 def spec_from_dict(name: str, fields: Mapping[str, Any] | None, where: str = "method") -> Any:
     """The spec of method `name` from plain fields (a config section), refusing unknown keys and bad types."""
     return from_dict(method_named(name).spec, fields, where)

@@ -51,7 +51,21 @@ def _check_modules_to_save(spec) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _LowRankSpec:
-    """Fields shared by LoRA and DoRA (abstract: use `LoraSpec` or `DoraSpec`)."""
+    """Fields shared by LoRA and DoRA (abstract: use `LoraSpec` or `DoraSpec`).
+
+    r: the rank of the update B A.
+    alpha: the scale numerator: the update is multiplied by alpha / r (alpha / sqrt(r) with rsLoRA).
+    dropout: dropout on the adapter's input (peft's lora_dropout).
+    target_modules: the modules to adapt: a list of names (a module matches its name or .name suffix), a regular
+        expression string, or `all-linear` (every linear layer but the head).
+    exclude_modules: modules left out of target_modules (same forms).
+    use_rslora: rank-stabilised scaling alpha / sqrt(r).
+    init: the initialisation of A: `kaiming` uniform (peft's default) or `gaussian` (std 1/r).
+    rank_pattern: per-module ranks overriding r: {module-name pattern: rank}.
+    alpha_pattern: per-module alphas overriding alpha: {module-name pattern: alpha}.
+    layers_to_transform: adapt only these layer indices (null = all layers).
+    modules_to_save: whole modules trained and saved besides the adapter (embed_tokens, lm_head).
+    """
 
     r: int = 8
     alpha: float = 8.0
@@ -109,7 +123,13 @@ class DoraSpec(_LowRankSpec):
 @dataclasses.dataclass(frozen=True)
 class IA3Spec:
     """(IA)^3: a learned vector (initialised to ones) scaling the output of each target, or its input for the
-    `feedforward_modules` (which must be targets too)."""
+    `feedforward_modules` (which must be targets too).
+
+    target_modules: the modules whose output (or input, for feedforward_modules) gets a learned vector.
+    feedforward_modules: the targets scaled on their input instead of their output.
+    exclude_modules: modules left out of target_modules.
+    modules_to_save: whole modules trained and saved besides the adapter (embed_tokens, lm_head).
+    """
 
     target_modules: Targets = ("k_proj", "v_proj", "down_proj")
     feedforward_modules: Targets = ("down_proj",)
@@ -132,7 +152,12 @@ class IA3Spec:
 class PromptTuningSpec:
     """Prompt tuning: `num_virtual_tokens` learned embeddings prepended to the input. `init='random'` draws them
     from N(0, 1) (peft's `nn.Embedding` default); `init='text'` copies the embeddings of `init_text`'s tokens,
-    repeated or cut to length (peft's TEXT init)."""
+    repeated or cut to length (peft's TEXT init).
+
+    num_virtual_tokens: how many learned embeddings are prepended to the input.
+    init: `random` (N(0, 1)) or `text` (the embeddings of init_text's tokens).
+    init_text: the text whose token embeddings initialise the prompt when init is text.
+    """
 
     num_virtual_tokens: int = 20
     init: Literal["random", "text"] = "random"
@@ -150,7 +175,10 @@ class PromptTuningSpec:
 @dataclasses.dataclass(frozen=True)
 class PrefixTuningSpec:
     """Prefix tuning: learned keys and values (`num_virtual_tokens` of them, N(0, 1) init as peft's) prepended in
-    every layer. No reparameterisation MLP (peft's `prefix_projection`)."""
+    every layer. No reparameterisation MLP (peft's `prefix_projection`).
+
+    num_virtual_tokens: how many learned key/value positions are prepended in every layer.
+    """
 
     num_virtual_tokens: int = 20
 
@@ -163,7 +191,13 @@ class PrefixTuningSpec:
 class HoulsbySpec:
     """Houlsby bottleneck adapters (down-projection to `bottleneck`, `activation`, up-projection, residual) on the
     output of `target_modules` (default: after the attention block and after the MLP). Down-projection N(0,
-    init_std), up-projection zero: the model is unchanged at initialisation."""
+    init_std), up-projection zero: the model is unchanged at initialisation.
+
+    bottleneck: the width of the adapter's down-projection.
+    activation: the nonlinearity between down- and up-projection.
+    target_modules: the modules whose output goes through an adapter.
+    init_std: the standard deviation of the down-projection's initialisation.
+    """
 
     bottleneck: int = 64
     activation: Literal["relu", "gelu", "silu", "tanh"] = "relu"
@@ -181,7 +215,10 @@ class HoulsbySpec:
 @dataclasses.dataclass(frozen=True)
 class BitFitSpec:
     """BitFit: only the model's existing biases train (`target_modules`: which modules' biases; 'all' = every
-    bias the model has)."""
+    bias the model has).
+
+    target_modules: which modules' biases train (`all` = every bias the model has).
+    """
 
     target_modules: Targets = "all"
     biases_only: ClassVar[bool] = True  # `targets.plan`: only modules that have a bias

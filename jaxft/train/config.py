@@ -44,7 +44,12 @@ class LoopSection:
     early_stopping_patience: stop after this many evaluations in a row (every eval_every steps) without a new best
     eval loss (0 = off; needs eval_every and an eval split). report_to: where metrics go besides metrics.jsonl, as
     TRL names them: a list of `tensorboard` (events under <output_dir>/tb) and `wandb` (Weights & Biases, the wandb
-    package; WANDB_MODE=offline works without a network), or `none`."""
+    package; WANDB_MODE=offline works without a network), or `none`.
+
+    epochs: passes over the train rows when steps is 0 (fractional allowed).
+    grad_accum: micro-batches per optimizer step (the effective batch is batch_size * grad_accum rows).
+    seed: the seed of initialisation, dropout and the batch order.
+    """
 
     steps: int = 0
     epochs: float = 1.0
@@ -123,6 +128,12 @@ class ExportSection:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
+    """The run config (see the module docstring for the sections).
+
+    output_dir: the run directory: config.yaml, checkpoints, metrics, exports and the summary; re-running with the
+        same config resumes there.
+    """
+
     output_dir: str
     data: DataConfig
     model: ModelSection = ModelSection()

@@ -32,7 +32,10 @@ class OptimConfig:
     weight_decay: decoupled (AdamW), never applied to norms, biases or per-layer 1-D leaves. b1, b2, eps: Adam.
     max_grad_norm: global-norm clipping as torch's clip_grad_norm_ (null = off). loraplus_lr_ratio: LoRA+, the
     `lora_b` factors learn at lr * ratio. layer_lr_decay: layer-wise decay for full fine-tuning, depth d
-    (embeddings 0, layer i -> i + 1, final norm and head L + 1) learns at lr * decay**(L + 1 - d)."""
+    (embeddings 0, layer i -> i + 1, final norm and head L + 1) learns at lr * decay**(L + 1 - d).
+
+    min_lr_ratio: the learning rate the decay ends at, as a fraction of lr (0 = decay to zero).
+    """
 
     lr: float = 2e-4
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
