@@ -18,7 +18,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping
 
-from jaxft.errors import UnsupportedConfigError  # re-exported
+from jaxft.errors import ConfigError, JaxftError, UnsupportedConfigError  # UnsupportedConfigError re-exported
 from jaxft.ops.rope import RopeScaling  # re-exported: the config's field type
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral", "Qwen2ForCausalLM": "qwen2"}
@@ -135,6 +135,25 @@ _IGNORED = {
 }
 
 
+_REQUIRED = object()
+
+
+def _number(d: Mapping[str, Any], key: str, kind: type, default: Any = _REQUIRED, section: str = "") -> Any:
+    """`kind(d[key])` (int or float), or `default` when the key is absent or null; a missing required field or a
+    value that is not a number raises ConfigError naming the field."""
+    value = d.get(key)
+    name = f"{section}.{key}" if section else key
+    what = "an integer" if kind is int else "a number"
+    if value is None:
+        if default is _REQUIRED:
+            raise ConfigError(f"required field '{name}' is missing; add it ({what}) as the model's original "
+                              "config.json has it")
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
+        raise ConfigError(f"field '{name}' must be {what}, got {value!r}")
+    return kind(value)
+
+
 def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling]:
     params = d.get("rope_parameters")
     scaling = d.get("rope_scaling")
@@ -142,23 +161,24 @@ def _rope_from_hf(d: Mapping[str, Any]) -> tuple[float, RopeScaling]:
         raise UnsupportedConfigError("rope_parameters: per-layer-type RoPE parameters are not supported")
     # transformers 5.x lets `rope_scaling` win over `rope_parameters` when both are present.
     rope = dict(scaling or params or {})
-    theta = float(rope.get("rope_theta", d.get("rope_theta", 10000.0)))
+    section = "rope_scaling" if scaling else "rope_parameters"
+    theta = _number(rope, "rope_theta", float, _number(d, "rope_theta", float, 10000.0), section)
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope.get("partial_rotary_factor", d.get("partial_rotary_factor", 1.0)) != 1.0:
         raise UnsupportedConfigError("partial_rotary_factor != 1.0 is not supported")
     if rope_type == "default":
         return theta, RopeScaling()
     if rope_type == "linear":
-        return theta, RopeScaling("linear", factor=float(rope["factor"]))
+        return theta, RopeScaling("linear", factor=_number(rope, "factor", float, section=section))
     if rope_type == "llama3":
         return theta, RopeScaling(
             "llama3",
-            factor=float(rope["factor"]),
-            low_freq_factor=float(rope["low_freq_factor"]),
-            high_freq_factor=float(rope["high_freq_factor"]),
-            original_max_position_embeddings=int(
-                rope.get("original_max_position_embeddings", d.get("max_position_embeddings", 8192))
-            ),
+            factor=_number(rope, "factor", float, section=section),
+            low_freq_factor=_number(rope, "low_freq_factor", float, section=section),
+            high_freq_factor=_number(rope, "high_freq_factor", float, section=section),
+            original_max_position_embeddings=_number(
+                rope, "original_max_position_embeddings", int, _number(d, "max_position_embeddings", int, 8192),
+                section),
         )
     raise UnsupportedConfigError(
         f"rope_scaling type '{rope_type}' is not supported (supported: default, linear, llama3)"
@@ -171,8 +191,7 @@ _LEGACY_LAYER_TYPES = {"attention": FULL}
 
 def _windows_from_hf(d: Mapping[str, Any], model_type: str, n_layers: int) -> tuple[int | None, tuple | None]:
     """`(sliding_window, layer_types)` as transformers' model of `model_type` applies them."""
-    window = d.get("sliding_window")
-    window = None if window is None else int(window)
+    window = _number(d, "sliding_window", int, None)
     given = d.get("layer_types")
     if given is not None:
         given = tuple(_LEGACY_LAYER_TYPES.get(t, t) for t in given)
@@ -181,7 +200,7 @@ def _windows_from_hf(d: Mapping[str, Any], model_type: str, n_layers: int) -> tu
         if not d.get("use_sliding_window", False):
             window = None
         if given is None:
-            first = int(d.get("max_window_layers", 28))
+            first = _number(d, "max_window_layers", int, 28)
             given = tuple(SLIDING if window is not None and i >= first else FULL for i in range(n_layers))
         if SLIDING in given and window is None:
             raise UnsupportedConfigError(
@@ -203,8 +222,23 @@ def _windows_from_hf(d: Mapping[str, Any], model_type: str, n_layers: int) -> tu
     return window, None
 
 
-def from_hf(d: Mapping[str, Any]) -> LlamaConfig:
-    """Translate an HF `config.json` dict into a `LlamaConfig`, refusing what jaxft does not implement."""
+def from_hf(d: Mapping[str, Any], source: str = "config.json") -> LlamaConfig:
+    """Translate an HF `config.json` dict into a `LlamaConfig`, refusing what jaxft does not implement.
+
+    Errors are one line starting with `f"{source}: "` (`source` names the file the dict came from):
+    `ConfigError` for a missing required field or a value of the wrong type, `UnsupportedConfigError` for math
+    jaxft does not implement."""
+    try:
+        return _from_hf(d)
+    except JaxftError as e:
+        raise type(e)(f"{source}: {e}") from None
+
+
+def _from_hf(d: Mapping[str, Any]) -> LlamaConfig:
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"expected a JSON object of model fields, got {type(d).__name__}")
+    if d.get("model_type") is None:
+        raise ConfigError(f"required field 'model_type' is missing; add it (one of {', '.join(MODEL_TYPES)})")
     archs = d.get("architectures") or []
     model_type = d.get("model_type")
     if archs and archs[0] not in ARCHITECTURES:
@@ -220,27 +254,30 @@ def from_hf(d: Mapping[str, Any]) -> LlamaConfig:
             raise UnsupportedConfigError(f"config field '{key}' is not implemented by jaxft; refusing to guess its meaning")
     if d.get("hidden_act", "silu") != "silu":
         raise UnsupportedConfigError(f"hidden_act '{d['hidden_act']}' is not supported (only silu)")
-    if float(d.get("attention_dropout", 0.0) or 0.0) != 0.0:
+    if _number(d, "attention_dropout", float, 0.0) != 0.0:
         raise UnsupportedConfigError("attention_dropout != 0 is not implemented; set it to 0.0")
     theta, scaling = _rope_from_hf(d)
-    window, layer_types = _windows_from_hf(d, model_type, int(d["num_hidden_layers"]))
-    hidden, heads = int(d["hidden_size"]), int(d["num_attention_heads"])
+    n_layers = _number(d, "num_hidden_layers", int)
+    window, layer_types = _windows_from_hf(d, model_type, n_layers)
+    hidden, heads = _number(d, "hidden_size", int), _number(d, "num_attention_heads", int)
+    if heads <= 0:
+        raise ConfigError(f"num_attention_heads={heads} must be positive")
     attention_bias = bool(d.get("attention_bias", False))
     if model_type == "mistral" and attention_bias:
         raise UnsupportedConfigError("attention_bias=true is not part of Mistral's architecture")
     qkv_bias = True if model_type == "qwen2" else attention_bias
     eos = d.get("eos_token_id")
     return LlamaConfig(
-        vocab_size=int(d["vocab_size"]),
+        vocab_size=_number(d, "vocab_size", int),
         hidden_size=hidden,
-        intermediate_size=int(d["intermediate_size"]),
-        num_hidden_layers=int(d["num_hidden_layers"]),
+        intermediate_size=_number(d, "intermediate_size", int),
+        num_hidden_layers=n_layers,
         num_attention_heads=heads,
-        num_key_value_heads=int(d.get("num_key_value_heads") or heads),
-        head_dim=int(d.get("head_dim") or hidden // heads),
+        num_key_value_heads=_number(d, "num_key_value_heads", int, heads),
+        head_dim=_number(d, "head_dim", int, hidden // heads),
         model_type=model_type,
-        max_position_embeddings=int(d.get("max_position_embeddings", 2048)),
-        rms_norm_eps=float(d.get("rms_norm_eps", 1e-6)),
+        max_position_embeddings=_number(d, "max_position_embeddings", int, 2048),
+        rms_norm_eps=_number(d, "rms_norm_eps", float, 1e-6),
         rope_theta=theta,
         rope_scaling=scaling,
         tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
@@ -252,7 +289,7 @@ def from_hf(d: Mapping[str, Any]) -> LlamaConfig:
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         pad_token_id=d.get("pad_token_id"),
-        initializer_range=float(d.get("initializer_range", 0.02)),
+        initializer_range=_number(d, "initializer_range", float, 0.02),
         torch_dtype=str(d.get("torch_dtype") or d.get("dtype") or "float32"),
     )
 

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from jaxft.errors import ConfigError
 from jaxft.models.config import LlamaConfig, RopeScaling, UnsupportedConfigError, from_hf, to_hf
 
 BASE = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=100, hidden_size=32,
@@ -143,3 +144,50 @@ def test_config_is_hashable_and_frozen():
     with pytest.raises(Exception):
         c.hidden_size = 3  # type: ignore[misc]
     assert isinstance(c, LlamaConfig) and c.num_groups == 2
+
+
+REQUIRED = ["model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+            "num_attention_heads"]
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+
+
+@pytest.mark.parametrize("field", REQUIRED)
+def test_missing_required_field_is_a_config_error_naming_file_and_field(field):
+    d = {k: v for k, v in BASE.items() if k != field}
+    with pytest.raises(ConfigError) as e:
+        from_hf(d, source="/models/x/config.json")
+    msg = str(e.value)
+    assert msg.startswith("/models/x/config.json: ") and f"'{field}'" in msg and "\n" not in msg
+    assert "missing" in msg and "add it" in msg
+
+
+@pytest.mark.parametrize("rope, field", [
+    ({k: v for k, v in LLAMA3.items() if k != "factor"}, "rope_scaling.factor"),
+    ({k: v for k, v in LLAMA3.items() if k != "low_freq_factor"}, "rope_scaling.low_freq_factor"),
+    ({k: v for k, v in LLAMA3.items() if k != "high_freq_factor"}, "rope_scaling.high_freq_factor"),
+    ({"rope_type": "linear"}, "rope_scaling.factor"),
+])
+def test_missing_rope_field_is_a_config_error(rope, field):
+    with pytest.raises(ConfigError, match=f"^config.json: required field '{field}' is missing"):
+        from_hf(dict(BASE, rope_scaling=rope))
+    v5 = dict(rope, rope_theta=10000.0)
+    with pytest.raises(ConfigError, match=field.replace("rope_scaling", "rope_parameters")):
+        from_hf(dict(BASE, rope_parameters=v5))
+
+
+@pytest.mark.parametrize("change, field", [
+    (dict(hidden_size="32"), "hidden_size"), (dict(num_hidden_layers=2.5), "num_hidden_layers"),
+    (dict(rms_norm_eps=None, hidden_size=True), "hidden_size"), (dict(sliding_window="x", model_type="mistral",
+                                                                      architectures=["MistralForCausalLM"]),
+                                                                 "sliding_window"),
+])
+def test_wrong_type_is_a_config_error(change, field):
+    with pytest.raises(ConfigError, match=f"^config.json: field '{field}' must be"):
+        from_hf(dict(BASE, **change))
+
+
+def test_unsupported_errors_name_the_source_too():
+    with pytest.raises(UnsupportedConfigError, match="^a/config.json: hidden_act"):
+        from_hf(dict(BASE, hidden_act="gelu"), source="a/config.json")
+    with pytest.raises(ConfigError, match="^config.json: expected a JSON object"):
+        from_hf([1, 2])
