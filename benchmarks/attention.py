@@ -61,7 +61,7 @@ def main(argv=None):
         return f
 
     custom = fwd_bwd(A.blocked_causal_attention)
-    autodiff = fwd_bwd(lambda q_, *a: A._blocked_fwd_impl_out(q_, *a).reshape(q_.shape))
+    autodiff = fwd_bwd(lambda q_, k_, v_, m, blk: A.blocked_forward(q_, k_, v_, m, None, blk, None).reshape(q_.shape))
     jax_s = timeit(lambda: jax.block_until_ready(custom(*args_j)), repeat=args.repeat)
     auto_s = timeit(lambda: jax.block_until_ready(autodiff(*args_j)), repeat=args.repeat)
 

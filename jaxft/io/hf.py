@@ -7,13 +7,12 @@ plus one slab, and a half-filled tree is never handed out.
 
 from __future__ import annotations
 
-import inspect
 import json
 import math
 import os
 import shutil
 import tempfile
-from typing import Any, Mapping
+from typing import Any
 
 import jax
 import ml_dtypes
@@ -39,49 +38,11 @@ def _np_dtype(dtype) -> np.dtype:
     return np.dtype(dtype)
 
 
-_FROM_HF_TAKES_SOURCE = "source" in inspect.signature(from_hf).parameters
-
-
 def config_from_hf_file(path: str) -> LlamaConfig:
     """The `LlamaConfig` of an HF `config.json` file; every problem with the file is a one-line jaxft error that
     starts with its path: not JSON / not UTF-8 / empty (`FileFormatError`), a missing or mistyped field
-    (`FileFormatError` naming the field), a feature jaxft does not implement (`UnsupportedConfigError`)."""
-    d = read_json(path, "an HF model config.json")
-    return _from_hf(d, path)
-
-
-# Fields every Llama-family config.json has, read as integers: checked here so that a missing or null one is named.
-_REQUIRED_INTS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
-_ROPE_KEYS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
-
-
-def _from_hf(d: Mapping[str, Any], path: str) -> LlamaConfig:
-    for key in _REQUIRED_INTS:
-        value = d.get(key)
-        if value is None:
-            state = "missing" if key not in d else "null"
-            raise FileFormatError(f"{path}: field '{key}' is {state}; every Llama-family config.json sets it "
-                                  "(copy the model's original config.json)")
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise FileFormatError(f"{path}: field '{key}' is {value!r}, expected an integer")
-    try:
-        if _FROM_HF_TAKES_SOURCE:  # from_hf names the file itself
-            return from_hf(d, source=path)
-        return from_hf(d)
-    except KeyError as e:
-        key = str(e.args[0])
-        section = next((s for s in ("rope_scaling", "rope_parameters") if isinstance(d.get(s), Mapping)), None)
-        field = f"{section}.{key}" if section and key in _ROPE_KEYS else key
-        raise FileFormatError(f"{path}: missing field '{field}'; an HF config.json of this model type sets it "
-                              "(copy the model's original config.json)") from None
-    except JaxftError as e:
-        msg = str(e)
-        if msg.startswith(f"{path}: "):
-            raise
-        raise type(e)(f"{path}: {msg}") from None
-    except (TypeError, ValueError) as e:
-        msg = f"{path}: a field has a value of the wrong type ({e}); check the numbers in the file"
-        raise FileFormatError(msg) from None
+    (`ConfigError` naming the field), a feature jaxft does not implement (`UnsupportedConfigError`)."""
+    return from_hf(read_json(path, "an HF model config.json"), source=path)
 
 
 def safetensors_files(model_dir: str) -> list[str]:

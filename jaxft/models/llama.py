@@ -1,11 +1,19 @@
-"""The Llama family (Llama 2/3.x, Mistral, Qwen2, SmolLM) in Flax, with a functional face.
+"""The Llama family (Llama 2/3.x, Mistral, Qwen2, SmolLM) as plain functions over a nested-dict parameter tree.
 
-The decoder layer is a Flax linen module whose parameters are named like the HF modules; the stack of layers is a
-`jax.lax.scan` (or an unrolled loop) over parameters stacked on a leading axis. Every product with a weight goes
-through `jaxft.ops.linear.linear`, so a leaf of the parameter tree may be a composite weight (LoRA, DoRA, IA3, NF4)
-and this file never knows.
+`params` is the tree `jaxft.models.params.param_specs` describes: keyed like the HF module paths, the decoder
+layers stacked on a leading axis, made by `init_params` or the HF loader. The stack of layers is a `jax.lax.scan`
+(or an unrolled loop) over that axis. Every product with a weight goes through `jaxft.ops.linear.linear`, so a leaf
+may be a composite weight (LoRA, DoRA, IA3, NF4) and this file never knows.
 
-Public functions take `(config, params, ...)` where `params` is the nested dict described in `jaxft.models.params`.
+Why plain functions and not Flax modules: the tree is already defined once, by the specs (init, sharding and the
+checkpoint layout come from them), and PEFT is a transform of that tree (`peft.bind`) whose leaves flow through
+`linear`. A module system would be a second description of the same parameters that has to agree with the first;
+a function `forward(config, params, ids)` is what a JAX user can jit, grad, vmap or shard directly.
+
+Reading order: `ModelOptions` and `KVCache` (what a caller passes), `AttentionInputs` and `LayerInputs` (what each
+layer reads besides its weights, built once per call), the layer (`attention_block`, `mlp_block`,
+`decoder_layer`), the stack (`decoder`), then the public entry points (`forward`, `forward_cached`,
+`hidden_states`).
 """
 
 from __future__ import annotations
@@ -13,12 +21,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from jaxft.errors import UnsupportedConfigError
 from jaxft.models.config import LlamaConfig
-from jaxft.models.params import ParamSpec, layer_specs
 from jaxft.ops.activations import swiglu
 from jaxft.ops.attention import attention, attention_mask, blocked_causal_attention, causal_block_size
 from jaxft.ops.linear import Weight, linear
@@ -35,6 +42,14 @@ class ModelOptions:
     dtype: Any = jnp.float32
     remat: RematPolicy = "none"
     scan_layers: bool = True
+
+
+# What `ModelOptions.remat` saves of each layer for the backward pass (the rest is recomputed).
+_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
 
 
 @jax.tree_util.register_dataclass
@@ -56,112 +71,106 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32)
                    jnp.zeros((), jnp.int32))
 
 
-class Linear(nn.Module):
-    """A projection whose `kernel[in, out]` may be any weight leaf (see `jaxft.ops.linear`)."""
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class AttentionInputs:
+    """What every layer's attention reads besides its weights, built once per call by `decoder`.
 
-    spec: dict
-    std: float
+    mask[B, T, S]: causal, same segment, not padding; S = T without a cache, the cache length with one.
+    window_mask[B, T, S]: `mask` within the sliding window (None when no layer has a window).
+    q_segment_ids[B, T]: the queries' segment ids (prefix keys are visible to non-zero ones).
+    cache_index: scalar int32, the cache slot of this call's first token (None without a cache).
+    block (static): the query block size of `blocked_causal_attention`, None for the plain path.
+    window (static): the sliding window of a model whose layers all use it (blocked attention then skips the key
+    blocks it hides); None when no layer, or only some layers, have one.
+    """
 
-    def weights(self):
-        kspec: ParamSpec = self.spec["kernel"]
-        kernel = self.param("kernel", lambda key: kspec.initialize(key, jnp.float32, self.std))
-        bias = None
-        if "bias" in self.spec:
-            bias = self.param("bias", lambda key: self.spec["bias"].initialize(key, jnp.float32, self.std))
-        return kernel, bias
-
-    @nn.compact
-    def __call__(self, x):
-        return linear(x, *self.weights())
-
-
-class SwigluLinear(Linear):
-    """`Linear` applied to `swiglu(gate, up)`, the MLP's down projection. Under `nn.remat` the activation is
-    recomputed in the backward pass from `gate` and `up`, which are kept anyway."""
-
-    @nn.compact
-    def __call__(self, gate, up):
-        return linear(swiglu(gate, up), *self.weights())
+    mask: jax.Array
+    window_mask: jax.Array | None
+    q_segment_ids: jax.Array
+    cache_index: jax.Array | None
+    block: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
 
-# The backward pass recomputes swiglu(gate, up) rather than keep a third [tokens, intermediate] array; products
-# stay saved (DoRA with dropout needs x @ W).
-_RematSwigluLinear = nn.remat(SwigluLinear, prevent_cse=False, policy=jax.checkpoint_policies.checkpoint_dots)
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class LayerInputs:
+    """Per-layer inputs, stacked on the layer axis like the parameters and sliced by the scan (fields may be None).
+
+    cache_k, cache_v[B, S, K, hd]: this layer's KV cache. prefix_k, prefix_v[B, P, K, hd]: prefix tuning's learned
+    keys/values. window[]: int32, this layer's window for a model whose layers differ (a large number for a full
+    layer), else None.
+    """
+
+    cache_k: jax.Array | None = None
+    cache_v: jax.Array | None = None
+    prefix_k: jax.Array | None = None
+    prefix_v: jax.Array | None = None
+    window: jax.Array | None = None
 
 
-class RMSNorm(nn.Module):
-    dim: int
-    eps: float
-
-    @nn.compact
-    def __call__(self, x):
-        weight = self.param("weight", lambda key: jnp.ones((self.dim,), jnp.float32))
-        return rms_norm(x, weight, self.eps)
+# The window of a full-attention layer in a model whose layers differ: beyond any sequence length.
+_NO_WINDOW = 2 ** 30
 
 
-class Attention(nn.Module):
-    config: LlamaConfig
-
-    @nn.compact
-    def __call__(self, x_btd, cos, sin, ctx):
-        c = self.config
-        specs = layer_specs(c)["self_attn"]
-        b, t, _ = x_btd.shape
-        q = Linear(specs["q_proj"], c.initializer_range, name="q_proj")(x_btd)
-        k = Linear(specs["k_proj"], c.initializer_range, name="k_proj")(x_btd)
-        v = Linear(specs["v_proj"], c.initializer_range, name="v_proj")(x_btd)
-        q = apply_rope(q.reshape(b, t, c.num_attention_heads, c.head_dim), cos, sin)
-        k = apply_rope(k.reshape(b, t, c.num_key_value_heads, c.head_dim), cos, sin)
-        v = v.reshape(b, t, c.num_key_value_heads, c.head_dim)
-        new_kv = None
-        if ctx.get("cache_k") is not None:
-            # Write this step's keys/values into the cache at `index`, then attend over the whole cache.
-            at = (0, ctx["index"], 0, 0)
-            k_all = jax.lax.dynamic_update_slice(ctx["cache_k"], k.astype(ctx["cache_k"].dtype), at)
-            v_all = jax.lax.dynamic_update_slice(ctx["cache_v"], v.astype(ctx["cache_v"].dtype), at)
-            new_kv = (k_all, v_all)
-            k, v = k_all.astype(x_btd.dtype), v_all.astype(x_btd.dtype)
-        if ctx.get("block") and ctx.get("cache_k") is None and ctx.get("prefix_k") is None:
-            out = blocked_causal_attention(q, k, v, ctx["mask"], ctx["block"], merge_heads=True)
-        else:
-            out = attention(q, k, v, ctx["mask"], ctx.get("prefix_k"), ctx.get("prefix_v"),
-                            ctx["q_segment_ids"]).reshape(b, t, -1)
-        out = Linear(specs["o_proj"], c.initializer_range, name="o_proj")(out)
-        return out, new_kv
+def _swiglu_down(gate: jax.Array, up: jax.Array, w: Any, bias: jax.Array | None) -> jax.Array:
+    return linear(swiglu(gate, up), w, bias)
 
 
-class MLP(nn.Module):
-    config: LlamaConfig
-
-    @nn.compact
-    def __call__(self, x):
-        c = self.config
-        specs = layer_specs(c)["mlp"]
-        gate = Linear(specs["gate_proj"], c.initializer_range, name="gate_proj")(x)
-        up = Linear(specs["up_proj"], c.initializer_range, name="up_proj")(x)
-        return _RematSwigluLinear(specs["down_proj"], c.initializer_range, name="down_proj")(gate, up)
+# The MLP's down projection of swiglu(gate, up): the backward pass recomputes swiglu from `gate` and `up` (kept
+# anyway) rather than keep a third [tokens, intermediate] array; products stay saved (DoRA with dropout needs x @ W).
+swiglu_down = jax.checkpoint(_swiglu_down, policy=jax.checkpoint_policies.checkpoint_dots, prevent_cse=False)
 
 
-class DecoderLayer(nn.Module):
-    """One pre-norm transformer block: x + attn(norm(x)); x + mlp(norm(x))."""
-
-    config: LlamaConfig
-
-    @nn.compact
-    def __call__(self, x, cos, sin, ctx):
-        c = self.config
-        h, new_kv = Attention(c, name="self_attn")(RMSNorm(c.hidden_size, c.rms_norm_eps, name="input_layernorm")(x),
-                                                   cos, sin, ctx)
-        x = x + h
-        x = x + MLP(c, name="mlp")(RMSNorm(c.hidden_size, c.rms_norm_eps, name="post_attention_layernorm")(x))
-        return x, new_kv
+def _proj(p: dict, x: jax.Array) -> jax.Array:
+    return linear(x, p["kernel"], p.get("bias"))
 
 
-_POLICIES = {
-    "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-}
+def attention_block(c: LlamaConfig, p: dict, x_btd: jax.Array, cos: jax.Array, sin: jax.Array,
+                    inputs: AttentionInputs, layer: LayerInputs) -> tuple[jax.Array, tuple | None]:
+    """Self-attention of one layer (`p` = its `self_attn` subtree) on normed `x[B, T, D]` -> `([B, T, D], new_kv)`;
+    `new_kv = (k, v)[B, S, K, hd]` the updated cache when `layer` carries one."""
+    b, t, _ = x_btd.shape
+    q = apply_rope(_proj(p["q_proj"], x_btd).reshape(b, t, c.num_attention_heads, c.head_dim), cos, sin)
+    k = apply_rope(_proj(p["k_proj"], x_btd).reshape(b, t, c.num_key_value_heads, c.head_dim), cos, sin)
+    v = _proj(p["v_proj"], x_btd).reshape(b, t, c.num_key_value_heads, c.head_dim)
+    new_kv = None
+    if layer.cache_k is not None:
+        # Write this step's keys/values into the cache at `cache_index`, then attend over the whole cache.
+        at = (0, inputs.cache_index, 0, 0)
+        k_all = jax.lax.dynamic_update_slice(layer.cache_k, k.astype(layer.cache_k.dtype), at)
+        v_all = jax.lax.dynamic_update_slice(layer.cache_v, v.astype(layer.cache_v.dtype), at)
+        new_kv = (k_all, v_all)
+        k, v = k_all.astype(x_btd.dtype), v_all.astype(x_btd.dtype)
+    if inputs.block and layer.cache_k is None and layer.prefix_k is None:
+        window = inputs.window if layer.window is None else layer.window
+        out = blocked_causal_attention(q, k, v, inputs.mask, inputs.block, merge_heads=True, window=window)
+    else:
+        mask = inputs.mask
+        if layer.window is not None:  # layers differ: this one's mask by its window
+            mask = jnp.where(layer.window < _NO_WINDOW, inputs.window_mask, inputs.mask)
+        elif inputs.window_mask is not None:
+            mask = inputs.window_mask
+        out = attention(q, k, v, mask, layer.prefix_k, layer.prefix_v, inputs.q_segment_ids).reshape(b, t, -1)
+    return _proj(p["o_proj"], out), new_kv
+
+
+def mlp_block(p: dict, x: jax.Array) -> jax.Array:
+    """SwiGLU MLP of one layer (`p` = its `mlp` subtree): `down(silu(gate(x)) * up(x))`."""
+    gate, up, down = p["gate_proj"], p["up_proj"], p["down_proj"]
+    return swiglu_down(_proj(gate, x), _proj(up, x), down["kernel"], down.get("bias"))
+
+
+def decoder_layer(c: LlamaConfig, p: dict, x: jax.Array, cos: jax.Array, sin: jax.Array, inputs: AttentionInputs,
+                  layer: LayerInputs) -> tuple[jax.Array, tuple | None]:
+    """One pre-norm transformer block, `p` one layer's subtree: x + attn(norm(x)); x + mlp(norm(x))."""
+    normed = rms_norm(x, p["input_layernorm"]["weight"], c.rms_norm_eps)
+    h, new_kv = attention_block(c, p["self_attn"], normed, cos, sin, inputs, layer)
+    x = x + h
+    x = x + mlp_block(p["mlp"], rms_norm(x, p["post_attention_layernorm"]["weight"], c.rms_norm_eps))
+    return x, new_kv
+
 
 
 def embed(config: LlamaConfig, params: dict, input_ids: jax.Array, dtype=jnp.float32) -> jax.Array:
@@ -202,46 +211,49 @@ def decoder(config: LlamaConfig, params: dict, x_btd: jax.Array, *, positions: j
     Returns `(hidden[B, T, D], new_cache)`. `prefix_kv = (k, v)` with `k, v[L, B, P, K, hd]` prepends learned
     keys/values in every layer (prefix tuning).
     """
+    c = config
+    windows = c.layer_windows
+    if prefix_kv is not None and any(w is not None for w in windows):
+        raise UnsupportedConfigError("prefix tuning on a sliding-window model is not implemented (where the window "
+                                     "leaves the prefix is not defined by jaxft); use LoRA or prompt tuning")
     b, t, _ = x_btd.shape
-    cos, sin = rope_tables(config, positions)
-    ctx: dict[str, Any] = {"q_segment_ids": segment_ids}
+    cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, c.rope_scaling)
+    uniform = len(set(windows)) == 1
+    window = c.sliding_window  # the one window size; layers differ only in whether they use it
     if cache is None:
-        row = jnp.broadcast_to(jnp.arange(t), (b, t))
-        ctx["mask"] = attention_mask(segment_ids, segment_ids, row, jnp.arange(t))
-        ctx["block"] = causal_block_size(t)
+        q_index, kv_index, kv_segments = jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.arange(t), segment_ids
+        block, cache_index = causal_block_size(t), None
     else:
         s = cache.segment_ids.shape[1]
         kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
-        q_index = jnp.broadcast_to(cache.index + jnp.arange(t), (b, t))
-        ctx["mask"] = attention_mask(segment_ids, kv_segments, q_index, jnp.arange(s))
-        ctx["index"] = cache.index
-
-    layer = DecoderLayer(config)
+        q_index, kv_index = jnp.broadcast_to(cache.index + jnp.arange(t), (b, t)), jnp.arange(s)
+        block, cache_index = None, cache.index
+    mask = attention_mask(segment_ids, kv_segments, q_index, kv_index)
+    window_mask = None if window is None else attention_mask(segment_ids, kv_segments, q_index, kv_index, window)
+    inputs = AttentionInputs(mask, window_mask, segment_ids, cache_index, block, window if uniform else None)
+    per_layer = LayerInputs(
+        cache_k=None if cache is None else cache.k, cache_v=None if cache is None else cache.v,
+        prefix_k=None if prefix_kv is None else prefix_kv[0], prefix_v=None if prefix_kv is None else prefix_kv[1],
+        window=None if uniform else jnp.asarray([_NO_WINDOW if w is None else w for w in windows], jnp.int32))
 
     def body(h, xs):
-        layer_params, extra = xs
-        layer_ctx = dict(ctx, **extra)
-        h, new_kv = layer.apply({"params": layer_params}, h, cos, sin, layer_ctx)
+        layer_params, layer = xs
+        h, new_kv = decoder_layer(c, layer_params, h, cos, sin, inputs, layer)
         return h.astype(x_btd.dtype), new_kv
 
     if options.remat != "none":
         body = jax.checkpoint(body, policy=_POLICIES[options.remat], prevent_cse=not options.scan_layers)
 
-    extra: dict[str, Any] = {}
-    if cache is not None:
-        extra["cache_k"], extra["cache_v"] = cache.k, cache.v
-    if prefix_kv is not None:
-        extra["prefix_k"], extra["prefix_v"] = prefix_kv
-    xs = (params["model"]["layers"], extra)
+    xs = (params["model"]["layers"], per_layer)
     if options.scan_layers:
         h, new_kv = jax.lax.scan(body, x_btd, xs)
     else:
         h, outs = x_btd, []
-        for i in range(config.num_hidden_layers):
+        for i in range(c.num_hidden_layers):
             h, kv = body(h, jax.tree.map(lambda a: a[i], xs))
             outs.append(kv)
         new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    h = rms_norm(h, params["model"]["norm"]["weight"], config.rms_norm_eps)
+    h = rms_norm(h, params["model"]["norm"]["weight"], c.rms_norm_eps)
     new_cache = None
     if cache is not None:
         new_cache = KVCache(new_kv[0], new_kv[1], kv_segments, cache.index + t)

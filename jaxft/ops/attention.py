@@ -1,7 +1,11 @@
-"""Grouped-query attention with segment ids (packing, padding) and explicit slot indices (KV cache).
+"""Grouped-query attention with segment ids (packing, padding), explicit slot indices (KV cache) and sliding windows.
 
 A query attends to a key when the key's slot index is not after the query's (causal), both carry the same segment
-id, and that id is not 0 (padding). Prefix keys/values (prefix tuning) are visible to every non-padding query.
+id, and that id is not 0 (padding); with a sliding window `w`, also when the key is fewer than `w` slots before the
+query (transformers' `kv_idx > q_idx - sliding_window`). Segments are contiguous runs of slots, so within a segment
+the slot distance is the position distance: the window counts tokens of the query's own segment, as transformers'
+packed-sequence masks do, and left padding (slots before a row's first token) never falls inside it. Prefix
+keys/values (prefix tuning) are visible to every non-padding query.
 """
 
 from __future__ import annotations
@@ -11,15 +15,19 @@ import jax.numpy as jnp
 
 
 def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_index: jax.Array,
-                   kv_index: jax.Array) -> jax.Array:
+                   kv_index: jax.Array, window: int | jax.Array | None = None) -> jax.Array:
     """Boolean `mask[B, T, S]`: query t may read key s.
 
     q_segment_ids[B, T], kv_segment_ids[B, S]: segment ids (0 = padding). q_index[B, T] / kv_index[S]: slot order
-    used for causality (the position in the row or in the cache, not the RoPE position).
+    used for causality (the position in the row or in the cache, not the RoPE position). window: keys fewer than
+    `window` slots before the query (None: no window).
     """
     causal = kv_index[None, None, :] <= q_index[:, :, None]
     same = q_segment_ids[:, :, None] == kv_segment_ids[:, None, :]
-    return causal & same & (kv_segment_ids[:, None, :] != 0)
+    mask = causal & same & (kv_segment_ids[:, None, :] != 0)
+    if window is not None:
+        mask = mask & (q_index[:, :, None] - kv_index[None, None, :] < window)
+    return mask
 
 
 def attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array,
@@ -56,7 +64,8 @@ def causal_block_size(t: int) -> int | None:
 
 
 def blocked_causal_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array,
-                             block: int, merge_heads: bool = False) -> jax.Array:
+                             block: int, merge_heads: bool = False,
+                             window: int | jax.Array | None = None) -> jax.Array:
     """`attention` for a row attending to itself (S == T, slot-causal mask), computed block by block.
 
     Query block i reads only keys `[0, (i + 1) * block)`: the blocks above the diagonal are all masked, so skipping
@@ -64,16 +73,39 @@ def blocked_causal_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.A
     (batch, kv head) with the query group folded into the rows, which XLA's CPU backend runs faster than the
     five-index einsum. Same numbers as `attention` up to float32 rounding.
 
+    `window`: the sliding window, applied on top of `mask_bts` (which need not carry it). A Python int also skips
+    the key blocks the window hides from a whole query block (keys before `lo - window + 1` for rows from `lo`), so
+    the work grows with `T * window` rather than `T^2`; a traced scalar (one window per layer under a scan over
+    layers with different windows) only masks.
+
     A custom VJP in the manner of FlashAttention's backward pass: the forward pass keeps only q, k, v, the output
-    and each row's softmax max and sum; the backward pass recomputes each block's probabilities from them.
-    Autodiff would keep every block's scores, mask and probabilities (O(T^2) per layer and head) for the backward
-    pass; the time is about the same either way on a 2-core CPU (benchmarks/attention.py), the memory is not.
+    and each row's softmax max and sum; the backward pass recomputes each block's probabilities from them, so no
+    O(T^2) scores, mask or probabilities per layer and head are kept for the backward pass.
 
     `merge_heads=True` returns `[B, T, H * hd]`, the array the backward pass keeps. A caller that feeds it to a
     layer keeping its input (a LoRA o projection) then keeps one array per layer instead of two under a scan.
     """
-    out = _blocked(q_bthd, k_bskd, v_bskd, mask_bts, block)
+    static = window if isinstance(window, int) else None
+    traced = None if window is None or static is not None else jnp.asarray(window, jnp.int32)
+    out = _blocked(q_bthd, k_bskd, v_bskd, mask_bts, traced, block, static)
     return out if merge_heads else out.reshape(q_bthd.shape)
+
+
+def _key_start(lo: int, block: int, static_window: int | None) -> int:
+    """First key slot query rows `[lo, ...)` can see under a static window, rounded down to a block boundary."""
+    if static_window is None:
+        return 0
+    return max(0, lo - static_window + 1) // block * block
+
+
+def _block_mask(mask_bts, lo, hi, klo, traced_window, static_window):
+    """`mask[B, 1, 1, hi - lo, hi - klo]` of query rows `[lo, hi)` against keys `[klo, hi)`, window applied."""
+    m = mask_bts[:, None, None, lo:hi, klo:hi]
+    window = static_window if traced_window is None else traced_window
+    if window is None:
+        return m
+    dist = jnp.arange(lo, hi)[:, None] - jnp.arange(klo, hi)[None, :]
+    return m & (dist < window)
 
 
 def _heads_major(q_bthd: jax.Array, kh: int, lo: int, hi: int) -> jax.Array:
@@ -91,10 +123,11 @@ def _tokens_major(x_bkrd: jax.Array, h: int) -> jax.Array:
     return x_bkrd.reshape(b, kh, g, n, hd).transpose(0, 3, 1, 2, 4).reshape(b, n, h, hd)
 
 
-def _materialized(x: jax.Array) -> jax.Array:
-    """`x` laid out as written. XLA folds a transpose into the dot that reads it; on CPU a dot contracting an
-    operand's last axis against the other's last axis (q k^T), or two leading axes (ds^T q), runs at 0.6-0.8x of
-    the plain [M, K] @ [K, N] layout, while the explicit transpose of a small operand costs next to nothing."""
+def _layout_barrier(x: jax.Array) -> jax.Array:
+    """`x` laid out as written: an optimisation barrier that stops XLA from folding a transpose into the dot that
+    reads it. On CPU a dot contracting an operand's last axis against the other's last axis (q k^T), or two
+    leading axes (ds^T q), is slower than the plain [M, K] @ [K, N] layout, while the explicit transpose of a small
+    operand costs next to nothing."""
     return jax.lax.optimization_barrier(x)
 
 
@@ -103,32 +136,34 @@ def _scaled(x: jax.Array, scale: jax.Array) -> jax.Array:
     return (x.astype(jnp.float32) * scale).astype(x.dtype)
 
 
-def _block_scores(q_bkrd, k_bkds, mask_bts, lo, hi, g):
-    """Masked fp32 scores of query rows `[lo, hi)` against keys `[0, hi)`: `[B, K, G, hi - lo, hi]`.
+def _block_scores(q_bkrd, k_bkds, keep, lo, hi, klo, g):
+    """Masked fp32 scores of query rows `[lo, hi)` against keys `[klo, hi)`: `[B, K, G, hi - lo, hi - klo]`.
 
     q[B, K, G * (hi - lo), hd] already multiplied by the softmax scale (a `[rows, hd]` product instead of a
-    `[rows, keys]` one), k transposed `[B, K, hd, S]`."""
+    `[rows, keys]` one), k transposed `[B, K, hd, S]`, keep from `_block_mask`."""
     b, kh, _, _ = q_bkrd.shape
-    s = jnp.matmul(q_bkrd, k_bkds[..., :hi], preferred_element_type=jnp.float32)
-    s = s.reshape(b, kh, g, hi - lo, hi)
-    return jnp.where(mask_bts[:, None, None, lo:hi, :hi], s, jnp.finfo(jnp.float32).min)
+    s = jnp.matmul(q_bkrd, k_bkds[..., klo:hi], preferred_element_type=jnp.float32)
+    s = s.reshape(b, kh, g, hi - lo, hi - klo)
+    return jnp.where(keep, s, jnp.finfo(jnp.float32).min)
 
 
-def _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, block):
+def _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, traced_window, block, static_window):
     b, t, h, hd = q_bthd.shape
     kh = k_bskd.shape[2]
     g = h // kh
-    k_t = _materialized(k_bskd.transpose(0, 2, 3, 1))  # [B, K, hd, S]
+    k_t = _layout_barrier(k_bskd.transpose(0, 2, 3, 1))  # [B, K, hd, S]
     v = v_bskd.transpose(0, 2, 1, 3)  # [B, K, S, hd]
     scale = jnp.float32(hd ** -0.5)
     outs, stats = [], []
     for i in range(t // block):
         lo, hi = i * block, (i + 1) * block
-        s = _block_scores(_scaled(_heads_major(q_bthd, kh, lo, hi), scale), k_t, mask_bts, lo, hi, g)
+        klo = _key_start(lo, block, static_window)
+        keep = _block_mask(mask_bts, lo, hi, klo, traced_window, static_window)
+        s = _block_scores(_scaled(_heads_major(q_bthd, kh, lo, hi), scale), k_t, keep, lo, hi, klo, g)
         row_max = jnp.max(s, axis=-1, keepdims=True)
         e = jnp.exp(s - row_max)
         row_sum = jnp.sum(e, axis=-1, keepdims=True)  # [B, K, G, n, 1]
-        o = jnp.matmul(e.astype(v.dtype).reshape(b, kh, g * block, hi), v[:, :, :hi],
+        o = jnp.matmul(e.astype(v.dtype).reshape(b, kh, g * block, hi - klo), v[:, :, klo:hi],
                        preferred_element_type=jnp.float32)
         o = o / row_sum.reshape(b, kh, g * block, 1)
         outs.append(_tokens_major(o.astype(v.dtype), h))
@@ -137,40 +172,39 @@ def _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, block):
     return jnp.concatenate(outs, axis=1).reshape(b, t, h * hd), stats
 
 
-def _blocked_fwd_impl_out(q_bthd, k_bskd, v_bskd, mask_bts, block):
-    """The blocked forward alone, `[B, T, H * hd]`: the primal of `_blocked`; differentiated by plain autodiff in
-    benchmarks/attention.py for comparison."""
-    return _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, block)[0]
+def blocked_forward(q_bthd, k_bskd, v_bskd, mask_bts, traced_window, block, static_window):
+    """The blocked forward alone, `[B, T, H * hd]`: the primal of `blocked_causal_attention`'s custom VJP (plain
+    autodiff of it is the reference the hand-written backward pass is measured against)."""
+    return _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, traced_window, block, static_window)[0]
 
 
-_blocked = jax.custom_vjp(_blocked_fwd_impl_out, nondiff_argnums=(4,))
+_blocked = jax.custom_vjp(blocked_forward, nondiff_argnums=(5, 6))
 
 
-def _blocked_fwd(q_bthd, k_bskd, v_bskd, mask_bts, block):
-    out, stats = _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, block)
-    return out, (q_bthd, k_bskd, v_bskd, mask_bts, stats, out)
+def _blocked_fwd(q_bthd, k_bskd, v_bskd, mask_bts, traced_window, block, static_window):
+    out, stats = _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, traced_window, block, static_window)
+    return out, (q_bthd, k_bskd, v_bskd, mask_bts, traced_window, stats, out)
 
 
-def _blocked_bwd(block, res, d_out):
+def _blocked_bwd(block, static_window, res, d_out):
     """Per query block: p = softmax (recomputed), dp = do v^T, dv += p^T do, ds = p (dp - delta), dq = ds k,
     dk += ds^T q, with FlashAttention's delta = rowsum(do o) computed once for all rows (o = p v, so it equals
     rowsum(p dp) at a `[rows, hd]` cost instead of `[rows, keys]`). The output o kept for it is the array the
     forward pass returns, so under a scan a caller keeping it too (the o projection's LoRA) shares one stack. The
     softmax scale is applied to q and do (`[rows, hd]`), not to the scores. The key/value gradients are accumulated
-    transposed, `[B, K, hd, S]`, so every product is a plain [M, K] @ [K, N] (see `_materialized`).
+    transposed, `[B, K, hd, S]`, so every product is a plain [M, K] @ [K, N] (see `_layout_barrier`).
 
-    Each block's dk, dv are added in place into their first `hi` columns and each block's dq written into its
-    rows: summing zero-padded blocks (or concatenating them) let XLA fuse all eight blocks into the RoPE backward
-    that reads the result, a loop that gathered eight strided inputs per element (5.6 ms per layer for a
-    `[2048, 192]` output in the full SmolLM2 step, against about 2 ms for the in-place updates)."""
-    q_bthd, k_bskd, v_bskd, mask_bts, stats, out_btf = res
+    Each block's dk, dv are added in place into their key columns `[klo, hi)` and each block's dq written into its
+    rows: summing zero-padded blocks (or concatenating them) lets XLA fuse all the blocks into the RoPE backward
+    that reads the result, a loop gathering one strided input per block for every element."""
+    q_bthd, k_bskd, v_bskd, mask_bts, traced_window, stats, out_btf = res
     b, t, h, hd = q_bthd.shape
     kh = k_bskd.shape[2]
     g = h // kh
     cdt = q_bthd.dtype
     k = k_bskd.transpose(0, 2, 1, 3)  # [B, K, S, hd]
-    k_t = _materialized(k_bskd.transpose(0, 2, 3, 1))  # [B, K, hd, S]
-    v_t = _materialized(v_bskd.transpose(0, 2, 3, 1))
+    k_t = _layout_barrier(k_bskd.transpose(0, 2, 3, 1))  # [B, K, hd, S]
+    v_t = _layout_barrier(v_bskd.transpose(0, 2, 3, 1))
     scale = jnp.float32(hd ** -0.5)
     d_out = d_out.reshape(q_bthd.shape)
     # delta, pre-scaled like dp below: [B, T, H].
@@ -181,25 +215,28 @@ def _blocked_bwd(block, res, d_out):
     dq = jnp.zeros(q_bthd.shape, cdt)
     for i in range(t // block):
         lo, hi = i * block, (i + 1) * block
+        klo = _key_start(lo, block, static_window)
+        n_keys = hi - klo
         q = _heads_major(q_bthd, kh, lo, hi)  # [B, K, R, hd], R = G * block
         do = _heads_major(d_out, kh, lo, hi)
-        q_t, do_t = _materialized((q.swapaxes(-1, -2), do.swapaxes(-1, -2)))  # [B, K, hd, R]
-        s = _block_scores(_scaled(q, scale), k_t, mask_bts, lo, hi, g).reshape(b, kh, g * block, hi)
+        q_t, do_t = _layout_barrier((q.swapaxes(-1, -2), do.swapaxes(-1, -2)))  # [B, K, hd, R]
+        block_keep = _block_mask(mask_bts, lo, hi, klo, traced_window, static_window)
+        s = _block_scores(_scaled(q, scale), k_t, block_keep, lo, hi, klo, g).reshape(b, kh, g * block, n_keys)
         row_max, inv_sum = stats[i]
-        p = jnp.exp(s - row_max) * inv_sum  # softmax, [B, K, R, hi]
-        dp = jnp.matmul(_scaled(do, scale), v_t[..., :hi], preferred_element_type=jnp.float32)
+        p = jnp.exp(s - row_max) * inv_sum  # softmax, [B, K, R, n_keys]
+        dp = jnp.matmul(_scaled(do, scale), v_t[..., klo:hi], preferred_element_type=jnp.float32)
         delta = _heads_major(delta_bth[..., None], kh, lo, hi)  # [B, K, R, 1]
-        # Masked scores are constants: no gradient (matters only for fully masked rows, where p is uniform). This
-        # select as its own pass measured faster than leaving ds to the fused product (0.98x without it).
-        keep = jnp.broadcast_to(mask_bts[:, None, None, lo:hi, :hi], (b, kh, g, block, hi)).reshape(s.shape)
+        # Masked scores are constants: no gradient (matters only for fully masked rows, where p is uniform). The
+        # select is its own pass rather than left to the fused product (faster on CPU).
+        keep = jnp.broadcast_to(block_keep, (b, kh, g, block, n_keys)).reshape(s.shape)
         ds = jnp.where(keep, p * (dp - delta), 0.0).astype(cdt)
-        dq = dq.at[:, lo:hi].set(_tokens_major(jnp.matmul(ds, k[:, :, :hi], preferred_element_type=jnp.float32)
+        dq = dq.at[:, lo:hi].set(_tokens_major(jnp.matmul(ds, k[:, :, klo:hi], preferred_element_type=jnp.float32)
                                                .astype(cdt), h))
-        dk_t = dk_t.at[..., :hi].add(jnp.matmul(q_t, ds, preferred_element_type=jnp.float32))
-        dv_t = dv_t.at[..., :hi].add(jnp.matmul(do_t, p.astype(cdt), preferred_element_type=jnp.float32))
+        dk_t = dk_t.at[..., klo:hi].add(jnp.matmul(q_t, ds, preferred_element_type=jnp.float32))
+        dv_t = dv_t.at[..., klo:hi].add(jnp.matmul(do_t, p.astype(cdt), preferred_element_type=jnp.float32))
     dk = dk_t.transpose(0, 3, 1, 2).astype(k_bskd.dtype)
     dv = dv_t.transpose(0, 3, 1, 2).astype(v_bskd.dtype)
-    return dq, dk, dv, None
+    return dq, dk, dv, None, None
 
 
 _blocked.defvjp(_blocked_fwd, _blocked_bwd)

@@ -10,8 +10,7 @@ Two paths, chosen by the type of the head weight:
   `G = mask * (softmax - onehot)` right away, with `dh = G @ W.T` and `dW += h.T @ G`. That is three matmuls per
   chunk (as autodiff) but one pass of `exp`, no recomputation, and no scatter: the one-hot term is a fused
   comparison with an iota. Only the gradients asked for are computed
-  (`symbolic_zeros`: a frozen head, as in LoRA, costs no `dW` matmul). On a 2-core CPU this runs fwd+bwd at
-  SmolLM2 sizes ~1.2-1.3x faster than torch's `F.cross_entropy` (benchmarks/loss.py).
+  (`symbolic_zeros`: a frozen head, as in LoRA, costs no `dW` matmul).
 - composite `Weight` (LoRA on the head, ...): plain autodiff through `linear`, with each chunk rematerialised
   (`jax.checkpoint`) so the backward pass also holds one chunk of logits at a time.
 """
@@ -53,7 +52,7 @@ def cross_entropy_sum(
       logits_dtype: dtype the logits matmul produces (fp32 accumulate); the log-sum-exp is always fp32. A
         composite weight computes its product in `hidden.dtype` and the result is cast.
       transposed: `head_w` is `[V, D]`. The chunk loop then contracts the table as it is stored. Passing `embed.T`
-        gives the same numbers, but XLA writes the transposed copy (113 MB for SmolLM2) before the loop on
+        gives the same numbers, but XLA writes the transposed copy (a [D, V] array) before the loop on
         every call: a transpose outside a loop is not folded into the matmuls inside it.
 
     Returns:
@@ -205,8 +204,8 @@ def _loss_dense_fwd(h_kcd, w, t_kc, m_kc, logits_dtype, transposed):
 
     d, v = w.shape[::-1] if transposed else w.shape
     dw0 = jnp.zeros((d, v), jnp.float32) if want_dw else None
-    # h is handed to the loop also transposed, [K, D, C]: XLA:CPU's dot is ~1.5x slower when it contracts the
-    # leading axis of both operands (h.T @ G) than on a plain [D, C] @ [C, V] (measured on this CPU).
+    # h is handed to the loop also transposed, [K, D, C]: XLA:CPU's dot is slower when it contracts the leading
+    # axis of both operands (h.T @ G) than on a plain [D, C] @ [C, V].
     h_kdc = jnp.swapaxes(h_kcd, 1, 2)
     dw_dv, (loss_k, dh_kcd) = jax.lax.scan(body, dw0, (h_kcd, h_kdc, t_kc, m_kc))
     if want_dw:

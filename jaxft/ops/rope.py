@@ -3,20 +3,31 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.models.config import LlamaConfig
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """RoPE frequency scaling as transformers defines it (`default`, `linear`, `llama3`)."""
+
+    rope_type: Literal["default", "linear", "llama3"] = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
 
 
-def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
+def inverse_frequencies(head_dim: int, theta: float, scaling: RopeScaling = RopeScaling()) -> np.ndarray:
     """`inv_freq[head_dim // 2]` in float32, computed in the order transformers computes it."""
-    dim = config.head_dim
+    dim = head_dim
     exponents = np.arange(0, dim, 2, dtype=np.int64).astype(np.float32) / np.float32(dim)
-    inv_freq = (np.float32(1.0) / (np.float32(config.rope_theta) ** exponents)).astype(np.float32)
-    rs = config.rope_scaling
+    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponents)).astype(np.float32)
+    rs = scaling
     if rs.rope_type == "linear":
         inv_freq = (inv_freq / np.float32(rs.factor)).astype(np.float32)
     elif rs.rope_type == "llama3":
@@ -32,9 +43,10 @@ def inverse_frequencies(config: LlamaConfig) -> np.ndarray:
     return inv_freq
 
 
-def rope_tables(config: LlamaConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`cos, sin[B, T, head_dim]` (float32) for integer `positions[B, T]`."""
-    inv_freq = jnp.asarray(inverse_frequencies(config))
+def rope_tables(positions: jax.Array, head_dim: int, theta: float,
+                scaling: RopeScaling = RopeScaling()) -> tuple[jax.Array, jax.Array]:
+    """`cos, sin[B, T, head_dim]` (float32) for integer `positions[B, T]`, base frequency `theta`."""
+    inv_freq = jnp.asarray(inverse_frequencies(head_dim, theta, scaling))
     freqs = positions.astype(jnp.float32)[..., None] * inv_freq
     emb = jnp.concatenate([freqs, freqs], axis=-1)
     return jnp.cos(emb), jnp.sin(emb)
@@ -45,8 +57,8 @@ def apply_rope(x_bthd: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
     Written as `x * cos + flip(x) * (+-sin)` over the two halves (`x` viewed as `[..., 2, hd / 2]`) instead of
     transformers' slice-and-concatenate `rotate_half`: the same products and sums, so the same float32 numbers,
-    but XLA fuses it and its transpose into single elementwise passes, where the concatenate's transpose
-    (slices and pads) was not: 2-9% of a 4-layer SmolLM2-shaped LoRA step on a 2-core CPU (A/B).
+    but XLA fuses it and its transpose into single elementwise passes, where the transpose of a concatenate
+    (slices and pads) is not fused.
     """
     b, t, h, d = x_bthd.shape
     half = d // 2

@@ -3,7 +3,6 @@ cache), with and without prompt / prefix tuning. Identical tokens are required."
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 import jaxft

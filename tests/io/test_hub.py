@@ -2,16 +2,17 @@
 as its base model."""
 
 import hashlib
-import os
 
 import pytest
-import torch
 
 import jaxft
 from jaxft.errors import FileFormatError
 from jaxft.io.default import (DEFAULT_MODEL_HUB_ID, base_model_id, embedded_model_path, resolve_model_path,
                               weights_provenance)
 from hf_models import hf_tiny, rel_err
+from optional_import import optional  # torch-free CI leg: tests/conftest.py
+
+torch = optional("torch")
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 

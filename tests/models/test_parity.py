@@ -1,6 +1,7 @@
 """jaxft's Llama family against transformers' PyTorch models (fp32, eager attention), on tiny random configs.
 
-Tolerance: max|diff| / max|ref| <= 1e-5 on the logits (float32 rounding; measured ~1e-6).
+Tolerance: max|diff| / max|ref| <= 1e-5 on the logits (float32 rounding; measured over every variant and model
+seeds 0-2: at most 1.5e-6, a 6.7x margin).
 """
 
 import dataclasses
@@ -89,7 +90,7 @@ def test_scan_unrolled_and_remat_agree(pair):
     ref = jaxft.forward(config, params, ids)
     for opts in (ModelOptions(scan_layers=False), ModelOptions(remat="full"), ModelOptions(remat="dots")):
         out = jax.jit(lambda p, i: jaxft.forward(config, p, i, options=opts))(params, ids)
-        assert rel_err(out, ref) <= 1e-6
+        assert rel_err(out, ref) <= 3e-6  # measured <= 8.4e-7 (variants x seeds 0-2): 3.6x
     # gradients through remat equal gradients without it
     loss = lambda p, o: jnp.sum(jaxft.forward(config, p, ids, options=o)[..., :5] ** 2)
     g0 = jax.grad(loss)(params, ModelOptions())
@@ -105,7 +106,9 @@ def test_bf16_compute_close_to_fp32(pair):
     p16 = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
     out = jaxft.forward(config, p16, ids, options=ModelOptions(dtype=jnp.bfloat16))
     assert out.dtype == jnp.float32
-    assert rel_err(out, ref) <= 5e-2  # bf16 has 8 bits of mantissa
+    # bf16 has 8 bits of mantissa: measured up to 6.2e-2 over every variant and model seeds 0-2 (the former bound,
+    # 5e-2, held only for seed 0), so 2e-1 (3.2x); and above fp32 rounding, so bf16 is in effect.
+    assert 1e-4 < rel_err(out, ref) <= 2e-1
 
 
 @jax.tree_util.register_dataclass

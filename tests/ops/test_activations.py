@@ -24,6 +24,7 @@ def test_swiglu_value_and_gradients_match_torch():
     ty.backward(torch.tensor(g))
     for ours, ref in ((y, ty.detach()), (d_gate, tg.grad), (d_up, tu.grad)):
         ref = ref.numpy()
+        # measured <= 7.9e-8 over input seeds 0-4 (12x)
         assert np.max(np.abs(np.asarray(ours) - ref)) <= 1e-6 * np.max(np.abs(ref))
 
 
