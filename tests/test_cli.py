@@ -45,7 +45,7 @@ def test_broken_model_config_is_one_line(tmp_path, capsys):
     # before: KeyError: 'hidden_size' with a traceback
     assert main([cfg]) == 2
     err = _err(capsys)
-    assert f"{model / 'config.json'}: field 'hidden_size' is missing" in err
+    assert f"{model / 'config.json'}: required field 'hidden_size' is missing" in err
 
 
 # ---- the config reference and "did you mean" -------------------------------------------------------------------

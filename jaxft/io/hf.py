@@ -18,7 +18,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jaxft.errors import ConfigError, FileFormatError, JaxftError
+from jaxft.errors import ConfigError, FileFormatError, JaxftError, UnsupportedConfigError
 from jaxft.io.convert import TensorEntry, iter_hf_tensors, tensor_table
 from jaxft.io.default import resolve_model_path
 from jaxft.io.files import read_json
@@ -41,8 +41,14 @@ def _np_dtype(dtype) -> np.dtype:
 def config_from_hf_file(path: str) -> LlamaConfig:
     """The `LlamaConfig` of an HF `config.json` file; every problem with the file is a one-line jaxft error that
     starts with its path: not JSON / not UTF-8 / empty (`FileFormatError`), a missing or mistyped field
-    (`ConfigError` naming the field), a feature jaxft does not implement (`UnsupportedConfigError`)."""
-    return from_hf(read_json(path, "an HF model config.json"), source=path)
+    (`FileFormatError` naming the field), a feature jaxft does not implement (`UnsupportedConfigError`)."""
+    hf = read_json(path, "an HF model config.json")
+    try:
+        return from_hf(hf, source=path)
+    except UnsupportedConfigError:
+        raise
+    except ConfigError as e:  # a field missing or mistyped: the file is what is broken
+        raise FileFormatError(str(e)) from None
 
 
 def safetensors_files(model_dir: str) -> list[str]:

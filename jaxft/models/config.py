@@ -146,7 +146,8 @@ def _number(d: Mapping[str, Any], key: str, kind: type, default: Any = _REQUIRED
     what = "an integer" if kind is int else "a number"
     if value is None:
         if default is _REQUIRED:
-            raise ConfigError(f"required field '{name}' is missing; add it ({what}) as the model's original "
+            state = "missing" if key not in d else "null"
+            raise ConfigError(f"required field '{name}' is {state}; add it ({what}) as the model's original "
                               "config.json has it")
         return default
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and value != int(value)):
