@@ -18,7 +18,6 @@ from __future__ import annotations
 import collections.abc
 import dataclasses
 import difflib
-import os
 import re
 import types
 import typing
@@ -27,6 +26,7 @@ from typing import Any, Mapping, Sequence, TypeVar
 import yaml
 
 from jaxft.errors import ConfigError  # re-exported: `from jaxft.schema import ConfigError` keeps working
+from jaxft.io.files import read_text
 
 T = TypeVar("T")
 
@@ -262,25 +262,9 @@ def _deepcopy(d: Any) -> Any:
 
 
 def load_yaml(path: str) -> dict[str, Any]:
-    """Read a YAML mapping from `path` with a one-line error for a missing or malformed file."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read()
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: no such config file; check the path (relative paths start from "
-                          f"{os.getcwd()})") from None
-    except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory; give the YAML config file") from None
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
-    try:
-        text = raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        start = raw.rfind(b"\n", 0, e.start) + 1
-        column = len(raw[start:e.start].decode("utf-8", errors="replace")) + 1
-        raise ConfigError(f"{path} line {line} column {column}: byte 0x{raw[e.start]:02x} is not UTF-8; save the "
-                          "config as UTF-8") from None
+    """Read a YAML mapping from `path` with a one-line error for a missing, unreadable, non-UTF-8 or malformed file
+    (`FileFormatError` for the file, `ConfigError` for its content)."""
+    text = read_text(path, "a YAML config file")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:

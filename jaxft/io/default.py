@@ -13,13 +13,13 @@
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.metadata
 import importlib.util
 import os
 import re
 
 from jaxft.errors import FileFormatError
+from jaxft.io.files import sha256
 
 DEFAULT_MODEL = "smollm2-135m-instruct"
 DEFAULT_MODEL_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -109,12 +109,8 @@ def base_model_id(path: str) -> str:
 
 
 @functools.lru_cache(maxsize=4)
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            h.update(block)
-    return h.hexdigest()
+def _sha256(path: str) -> str:  # the embedded model's 100 MB are hashed once per process
+    return sha256(path)
 
 
 def weights_provenance(path: str) -> str:

@@ -9,6 +9,7 @@ the start of a file is accepted (Windows editors write one) and is not counted a
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from typing import Any
@@ -99,3 +100,12 @@ def read_json(path: str, what: str, expect: type | None = dict) -> Any:
         kind = {dict: "an object", list: "an array"}.get(expect, expect.__name__)
         raise FileFormatError(f"{path}: holds a JSON {type(value).__name__}, expected {kind} ({what})")
     return value
+
+
+def sha256(path: str) -> str:
+    """The hex sha256 of the file at `path`, read 4 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()

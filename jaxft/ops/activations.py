@@ -8,7 +8,6 @@ one, the largest activations of the model. This VJP keeps `gate` and `up` and re
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 
 @jax.custom_vjp

@@ -7,7 +7,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
-import hashlib
 import io
 import json
 import os
@@ -21,20 +20,13 @@ import numpy as np
 import jaxft
 from jaxft import peft
 from jaxft.io.default import base_model_id, weights_provenance
+from jaxft.io.files import sha256
 from jaxft.schema import to_dict
 from jaxft.train.step import StaticModel
 from jaxft.train.verify import plan_verify, probe_logits, verify_adapter, verify_available, verify_merged
 
-__all__ = ["dataset_files", "export_all", "model_card", "requested_exports", "sha256", "verify_adapter",
+__all__ = ["dataset_files", "export_all", "model_card", "requested_exports", "verify_adapter",
            "verify_available", "verify_merged", "verify_tolerance"]
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def dataset_files(cfg) -> list[tuple[str, str]]:

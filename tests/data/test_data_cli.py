@@ -67,4 +67,4 @@ def test_inspect_errors_are_one_line(tmp_path, capsys):
     assert main(["inspect", str(no_model)]) == 2
     assert "model.path is missing" in capsys.readouterr().err
     assert main(["inspect", str(tmp_path / "absent.yaml")]) == 2
-    assert "no such config file" in capsys.readouterr().err
+    assert "absent.yaml: no such file (expected a YAML config file)" in capsys.readouterr().err

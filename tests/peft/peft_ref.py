@@ -67,3 +67,16 @@ def jax_state(config, params) -> dict[str, np.ndarray]:
     from jaxft.io.convert import iter_hf_tensors
 
     return dict(iter_hf_tensors(config, params))
+
+
+class BernoulliRecorder:
+    """Records the keep masks peft draws with torch.bernoulli (DARE), in draw order, so jaxft can be given the same."""
+
+    def __init__(self, monkeypatch):
+        self.masks, self._orig = [], torch.bernoulli
+        monkeypatch.setattr(torch, "bernoulli", self)
+
+    def __call__(self, *args, **kwargs):
+        out = self._orig(*args, **kwargs)
+        self.masks.append(out.clone())
+        return out

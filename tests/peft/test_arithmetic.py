@@ -11,7 +11,7 @@ import pytest
 
 from hf_models import rel_err
 from jaxft import peft as jpeft
-from peft_ref import jax_logits, tiny_pair, torch_logits
+from peft_ref import BernoulliRecorder, jax_logits, tiny_pair, torch_logits
 
 torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
@@ -74,19 +74,6 @@ def _load(pm, name, tmp, config):
     return jpeft.load_adapter(str(d if name == "default" else d / name), config)
 
 
-class _Recorder:
-    """The keep masks peft draws with torch.bernoulli, in draw order."""
-
-    def __init__(self, monkeypatch):
-        self.masks, self._orig = [], torch.bernoulli
-        monkeypatch.setattr(torch, "bernoulli", self)
-
-    def __call__(self, *args, **kwargs):
-        out = self._orig(*args, **kwargs)
-        self.masks.append(out.clone())
-        return out
-
-
 def _drop_masks(pm, rec, n: int, svd: bool) -> dict:
     """Per module path, combine_lora's drop masks (stacked over layers) from peft's keep masks (module order; per
     module all A's then all B's, or one [out, in] mask per adapter for the svd types)."""
@@ -126,7 +113,7 @@ _count = iter(range(1000))
 def test_whole_adapters_combine_as_peft(setup, monkeypatch, ctype, names, weights, kw):
     pm, config, params, ours, tmp = setup
     new = f"combo{next(_count)}"
-    rec = _Recorder(monkeypatch)
+    rec = BernoulliRecorder(monkeypatch)
     pm.add_weighted_adapter(names, weights, new, combination_type=ctype, **kw)
     monkeypatch.undo()
     svd = ctype.endswith("svd")

@@ -20,6 +20,7 @@ import transformers
 
 from jaxft.peft.combine import LoraFactors, combine_lora
 from optional_import import optional  # torch-free CI leg: tests/conftest.py
+from peft_ref import BernoulliRecorder
 
 torch = optional("torch")
 peft = optional("peft")
@@ -84,19 +85,6 @@ def _align_signs(a, b, a_ref):
     return np.asarray(a) * s, np.asarray(b) * np.swapaxes(s, -1, -2)
 
 
-class _Recorder:
-    """Records the keep masks peft draws with torch.bernoulli, in draw order."""
-
-    def __init__(self, monkeypatch):
-        self.masks, self._orig = [], torch.bernoulli
-        monkeypatch.setattr(torch, "bernoulli", self)
-
-    def __call__(self, *args, **kwargs):
-        out = self._orig(*args, **kwargs)
-        self.masks.append(out.clone())
-        return out
-
-
 def _drop_masks(pm, rec, names, svd: bool) -> dict[str, list]:
     """Per projection, our drop_masks from peft's recorded keep masks (module order, then A's, B's per module)."""
     it = iter(rec.masks)
@@ -153,7 +141,7 @@ CASES = [  # combination_type, adapters, weights, kwargs
 @pytest.mark.parametrize("ctype, names, weights, kw", CASES, ids=[f"{c[0]}-{'-'.join(c[1])}" for c in CASES])
 def test_matches_peft(model, monkeypatch, ctype, names, weights, kw):
     new = f"combo{next(_counter)}"
-    rec = _Recorder(monkeypatch)
+    rec = BernoulliRecorder(monkeypatch)
     model.add_weighted_adapter(names, weights, new, combination_type=ctype, **kw)
     monkeypatch.undo()
     kind = "linear" if len(names) == 1 else ctype
@@ -307,7 +295,7 @@ def test_dare_deltas_match_merge_utils(monkeypatch, method, rescale):
     from jaxft.peft.combine import dare_deltas
 
     ds, w, density = _deltas(), [0.7, -0.4, 1.2], 0.6
-    rec = _Recorder(monkeypatch)
+    rec = BernoulliRecorder(monkeypatch)
     if rescale:
         fn = mu.dare_linear if method is None else functools.partial(mu.dare_ties, majority_sign_method=method)
         ref = _torch_per_module(fn, ds, w, density)
