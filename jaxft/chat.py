@@ -11,7 +11,11 @@ import argparse
 import sys
 import time
 
+import jaxft
+from jaxft import peft
 from jaxft.errors import FileFormatError, JaxftError
+from jaxft.generate.greedy import greedy_generate
+from jaxft.runtime import keep_freed_host_memory
 
 
 def main(argv=None) -> int:
@@ -26,19 +30,13 @@ def main(argv=None) -> int:
     ap.add_argument("--max-new-tokens", type=int, default=96)
     args = ap.parse_args(argv)
 
-    from jaxft.runtime import keep_freed_host_memory
-
-    keep_freed_host_memory()  # before anything starts JAX's threads
-    import jaxft
-    from jaxft.generate.greedy import greedy_generate
+    keep_freed_host_memory()  # before anything starts JAX's threads (importing jax starts none)
 
     try:
         t0 = time.perf_counter()
         config, params = jaxft.load_pretrained(args.model)
         tokenizer = jaxft.load_tokenizer(args.model)
         if args.adapter:
-            from jaxft import peft
-
             spec, adapter = peft.load_adapter(args.adapter, config)
             params = peft.bind(params, spec, adapter)
         if tokenizer.chat_template is None:

@@ -13,7 +13,12 @@ from typing import Sequence
 
 import numpy as np
 
-from jaxft.errors import JaxftError
+from jaxft.data.config import data_config_from_dict
+from jaxft.data.pipeline import prepare
+from jaxft.data.sources import check_source_paths
+from jaxft.errors import ConfigError, JaxftError
+from jaxft.io.tokenizer import load_tokenizer
+from jaxft.schema import apply_overrides, load_yaml
 
 _GREEN, _RESET = "\x1b[1;32m", "\x1b[0m"
 
@@ -60,12 +65,6 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _inspect(args) -> int:
-    from jaxft.data.config import data_config_from_dict
-    from jaxft.data.pipeline import prepare
-    from jaxft.data.sources import check_source_paths
-    from jaxft.io.tokenizer import load_tokenizer
-    from jaxft.schema import ConfigError, apply_overrides, load_yaml
-
     raw = apply_overrides(load_yaml(args.config), args.overrides)
     model = raw.get("model")
     if not isinstance(model, dict) or not isinstance(model.get("path"), str):

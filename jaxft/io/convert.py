@@ -14,6 +14,7 @@ import numpy as np
 
 from jaxft.models.config import LlamaConfig
 from jaxft.models.params import ParamSpec, is_spec, param_specs, path_str
+from jaxft.ops.linear import materialize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,8 +55,6 @@ def tensor_table(config: LlamaConfig) -> list[TensorEntry]:
 def iter_hf_tensors(config: LlamaConfig, params: dict, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
     """Yield `(hf_name, numpy array in HF layout)` one tensor at a time (for export). Composite leaves are
     materialised once per leaf; `dtype` casts (default: the leaf's dtype)."""
-    from jaxft.ops.linear import materialize
-
     current_path, current = None, None
     for e in tensor_table(config):
         if e.path != current_path:

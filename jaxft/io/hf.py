@@ -22,6 +22,7 @@ from jaxft.errors import ConfigError, FileFormatError, JaxftError, UnsupportedCo
 from jaxft.io.convert import TensorEntry, iter_hf_tensors, tensor_table
 from jaxft.io.default import resolve_model_path
 from jaxft.io.files import read_json
+from jaxft.io.gguf import config_from_gguf, gguf_model, open_gguf
 from jaxft.io.stored import StoredTensor, safetensors_tensors
 from jaxft.models.config import LlamaConfig, from_hf, to_hf
 
@@ -128,8 +129,6 @@ def load_config(path: str) -> LlamaConfig:
     if os.path.isdir(path):
         return config_from_hf_file(os.path.join(path, "config.json"))
     if path.endswith(".gguf") and os.path.isfile(path):
-        from jaxft.io.gguf import config_from_gguf, open_gguf
-
         return config_from_gguf(open_gguf(path), path)
     raise _bad_path(path)
 
@@ -152,8 +151,6 @@ def load_pretrained(path: str, dtype="float32") -> tuple[LlamaConfig, dict]:
         config = config_from_hf_file(os.path.join(path, "config.json"))
         stored = [t for f in safetensors_files(path) for t in safetensors_tensors(f)]
     elif path.endswith(".gguf") and os.path.isfile(path):
-        from jaxft.io.gguf import gguf_model
-
         config, stored = gguf_model(path)
     else:
         raise _bad_path(path)
