@@ -7,7 +7,7 @@ The public surface for research code:
     jaxft.save_pretrained(config, params, "out/", tokenizer)      # an HF directory transformers loads
 """
 
-from jaxft.errors import ConfigError, FileFormatError, JaxftError, UnsupportedConfigError
+from jaxft.errors import ConfigError, FileFormatError, JaxftError, OutputExistsError, UnsupportedConfigError
 from jaxft.io.hf import load_config, load_pretrained, save_pretrained
 from jaxft.io.tokenizer import load_tokenizer
 from jaxft.models.config import LlamaConfig, RopeScaling, from_hf, to_hf
@@ -16,8 +16,8 @@ from jaxft.models.params import abstract_params, init_params, logical_axes, para
 from jaxft.ops.linear import Weight, linear, materialize
 
 __all__ = [
-    "ConfigError", "FileFormatError", "JaxftError", "KVCache", "LlamaConfig", "ModelOptions", "RopeScaling",
-    "UnsupportedConfigError", "Weight", "abstract_params", "forward", "forward_cached", "from_hf", "hidden_states",
-    "init_cache", "init_params", "linear", "load_config", "load_pretrained", "load_tokenizer", "logical_axes",
-    "materialize", "param_specs", "save_pretrained", "to_hf",
+    "ConfigError", "FileFormatError", "JaxftError", "KVCache", "LlamaConfig", "ModelOptions", "OutputExistsError",
+    "RopeScaling", "UnsupportedConfigError", "Weight", "abstract_params", "forward", "forward_cached", "from_hf",
+    "hidden_states", "init_cache", "init_params", "linear", "load_config", "load_pretrained", "load_tokenizer",
+    "logical_axes", "materialize", "param_specs", "save_pretrained", "to_hf",
 ]

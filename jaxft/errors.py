@@ -20,3 +20,8 @@ class UnsupportedConfigError(JaxftError, ValueError):
 class FileFormatError(JaxftError, ValueError):
     """A file jaxft reads is missing, empty, not in its format, or lacks a field: the message names the file and,
     where there is one, the field, line and column."""
+
+
+class OutputExistsError(JaxftError, FileExistsError):
+    """A write would replace files the user has (a non-empty output directory): refused unless asked
+    (`overwrite=True`)."""

@@ -18,7 +18,7 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from jaxft.errors import ConfigError, FileFormatError, JaxftError, UnsupportedConfigError
+from jaxft.errors import ConfigError, FileFormatError, JaxftError, OutputExistsError, UnsupportedConfigError
 from jaxft.io.convert import TensorEntry, iter_hf_tensors, tensor_table
 from jaxft.io.default import resolve_model_path
 from jaxft.io.files import read_json
@@ -179,7 +179,7 @@ def save_pretrained(config: LlamaConfig, params: dict, out_dir: str, tokenizer=N
     from safetensors.numpy import save_file
 
     if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir}: exists and is not empty; choose another directory or pass overwrite=True")
+        raise OutputExistsError(f"{out_dir}: exists and is not empty; choose another directory or pass overwrite=True")
     np_dtype = _np_dtype(dtype) if dtype is not None else None
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)

@@ -23,7 +23,7 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
-from jaxft.errors import FileFormatError
+from jaxft.errors import FileFormatError, OutputExistsError
 from jaxft.models.config import LlamaConfig
 from jaxft.models.params import abstract_params
 from jaxft.peft.registry import method_for, method_reading
@@ -104,7 +104,7 @@ def save_adapter(spec: Any, adapter: dict, out_dir: str, config: LlamaConfig, *,
     from safetensors.numpy import save_file
 
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise FileExistsError(f"{out_dir}: exists and is not empty; choose another directory or pass "
+        raise OutputExistsError(f"{out_dir}: exists and is not empty; choose another directory or pass "
                               "overwrite=True")
     method = method_for(spec)
     params = abstract_params(config)
