@@ -47,3 +47,13 @@ def optional(name: str, attr: str | None = None):
     except ModuleNotFoundError as e:
         return _Missing(e.name or name, f"{name}.{attr}" if attr else name)
     return getattr(module, attr) if attr else module
+
+
+def needs_gguf_tokenizer(test):
+    """Skip `test` where torch is missing: it reads the embedded model's tokenizer, and transformers reads a tokenizer
+    from a GGUF file only through its GGUF reader, which imports torch (jaxft.load_tokenizer then raises a one-line
+    FileFormatError saying so)."""
+    import pytest
+
+    reason = "reads the tokenizer of the embedded GGUF, which transformers' GGUF reader does only with torch"
+    return pytest.mark.skipif(not installed("torch"), reason=reason)(test)

@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from jaxft.train.__main__ import main
+from optional_import import needs_gguf_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -131,6 +132,7 @@ def _check_config(tmp_path, model: str | None = None, **data) -> str:
                              "data": data}, name="check.yaml")
 
 
+@needs_gguf_tokenizer  # --check reads the embedded model's tokenizer
 def test_check_reads_the_data(tmp_path, capsys):
     good = _jsonl(tmp_path / "d.jsonl", n=6)
     # the data is read first (no tokenizer), then the trainer's checks read the model's config and tokenizer, no weights

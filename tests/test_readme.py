@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from optional_import import needs_gguf_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -26,6 +27,7 @@ def test_readme_has_snippets():
 
 
 @pytest.mark.slow
+@needs_gguf_tokenizer  # every snippet loads the embedded model's tokenizer
 @pytest.mark.parametrize("name, code", _snippets(), ids=[n for n, _ in _snippets()])
 def test_readme_snippet_runs(tmp_path, name, code):
     for d in ("configs", "data"):

@@ -139,9 +139,9 @@ def test_yaml_config_errors_have_line_and_column(tmp_path):
     with pytest.raises(ConfigError, match=r"c\.yaml line 3 column 10: not valid YAML"):
         load_yaml(str(path))
     path.write_bytes(b"output_dir: caf\xe9\n")
-    with pytest.raises(ConfigError, match=r"c\.yaml line 1 column 16: byte 0xe9 is not UTF-8"):
+    with pytest.raises(FileFormatError, match=r"c\.yaml line 1 column 16: byte 0xe9 is not UTF-8"):
         load_yaml(str(path))
-    with pytest.raises(ConfigError, match="is a directory"):
+    with pytest.raises(FileFormatError, match="is a directory"):
         load_yaml(str(tmp_path))
 
 

@@ -8,6 +8,7 @@ import pytest
 
 from jaxft.schema import ConfigError
 from jaxft.train.config import load_config
+from optional_import import needs_gguf_tokenizer
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob("configs/*.yaml")))
@@ -37,6 +38,7 @@ def test_overrides_apply():
     assert cfg.optim.lr == 1e-4 and cfg.train.steps == 7 and cfg.method["r"] == 8
 
 
+@needs_gguf_tokenizer  # --check reads the embedded model's tokenizer
 def test_cli_check_and_help():
     ok = subprocess.run([sys.executable, "-m", "jaxft.train", "configs/quickstart.yaml", "--check"],
                         capture_output=True, text=True)
