@@ -9,7 +9,7 @@ import sys
 import yaml
 from data_helpers import LLAMA3_TEMPLATE, chat, make_tiny_tokenizer, write_jsonl
 
-import jaxft.io.tokenizer
+import jaxft.data.cli
 from jaxft.data.cli import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -45,7 +45,7 @@ def test_inspect_with_a_tokenizer_directory(tmp_path, capsys):
 def test_inspect_smollm2_marks_trained_tokens(tmp_path, capsys, monkeypatch, smol):
     # the session's SmolLM2 tokenizer stands in for load_tokenizer("smollm2-135m-instruct") (same call, 10 s saved)
     calls = []
-    monkeypatch.setattr(jaxft.io.tokenizer, "load_tokenizer", lambda p: calls.append(p) or smol)
+    monkeypatch.setattr(jaxft.data.cli, "load_tokenizer", lambda p: calls.append(p) or smol)
     data = write_jsonl(tmp_path / "d.jsonl", [chat("What is 2+2?", "4"), chat("Hi", "Hello!")])
     cfg = _config(tmp_path, "smollm2-135m-instruct", {"train": [data], "eval_size": 1, "seq_len": 128})
     assert main(["inspect", cfg, "--color", "always"]) == 0
