@@ -52,7 +52,7 @@ SUMMARY = "summary.json"
 
 def _versions() -> dict[str, str]:
     out = {"python": platform.python_version()}
-    for pkg in ("jax", "jaxlib", "flax", "optax", "orbax-checkpoint", "transformers", "jaxft"):
+    for pkg in ("jax", "jaxlib", "optax", "orbax-checkpoint", "transformers", "jaxft"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:

@@ -131,8 +131,8 @@ class _Scaled(Weight):
         return self.base.shape
 
 
-def test_composite_leaf_passes_through_flax_scan_jit_and_grad(tmp_path):
-    """A composite weight at a kernel leaf flows through the Flax layer, lax.scan, jit and grad intact."""
+def test_composite_leaf_passes_through_scan_jit_and_grad(tmp_path):
+    """A composite weight at a kernel leaf flows through the layer functions, lax.scan, jit and grad intact."""
     model = hf_tiny("llama_gqa_tied")
     model.save_pretrained(tmp_path)
     config, params = jaxft.load_pretrained(str(tmp_path))

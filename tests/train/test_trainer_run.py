@@ -202,7 +202,7 @@ def test_run_directory_contents(runs):
     # LoRA r=4 on all 7 linear modules of 2 layers (hidden 32, kv 16, intermediate 64): r * (in + out) each
     per_layer = 4 * ((32 + 32) * 2 + (32 + 16) * 2 + (32 + 64) * 2 + (64 + 32))
     assert info["trainable_parameters"] == 2 * per_layer
-    for pkg in ("jax", "flax", "optax", "orbax-checkpoint"):
+    for pkg in ("jax", "optax", "orbax-checkpoint"):
         assert info["versions"][pkg] == md.version(pkg)
     saved = yaml.safe_load(open(os.path.join(a, "config.yaml")))
     assert saved["optim"]["lr"] == 1e-2 and saved["train"]["steps"] == STEPS and saved["output_dir"] == a
