@@ -8,6 +8,7 @@ hold one segment (packed rows are refused: the virtual tokens are prepended to t
 
 from __future__ import annotations
 
+import abc
 import math
 
 import jax
@@ -61,9 +62,9 @@ class VirtualTokens(Method):
                 "num_virtual_tokens": spec.num_virtual_tokens, "num_transformer_submodules": 1,
                 "num_layers": config.num_hidden_layers}
 
+    @abc.abstractmethod
     def stored_shape(self, spec, config) -> tuple[int, ...]:
         """The shape of peft's `prompt_embeddings` tensor."""
-        raise NotImplementedError
 
     def check_tensors(self, spec, tensors, config, where) -> np.ndarray:
         if set(tensors) != {"prompt_embeddings"}:
