@@ -6,8 +6,8 @@ their factors are asserted bit-identical, their deltas (a matmul: BLAS vs XLA) e
 projection; measured bit-equal on this CPU, the bound leaves room for another BLAS's summation order). The svd types
 go through two different LAPACKs (MKL in torch, jaxlib's): deltas and factors (after each rank component's sign is
 aligned: signs of singular vectors are a free choice) agree to 2.5e-5 relative (measured 7.1e-6; the former 1e-5 kept
-a 1.4x margin); a 1% error in a factor still fails it (test_svd_bound_fails_a_one_percent_error). With `svd_clamp` peft's SVD is patched to
-jaxft's sign convention, since the clamp threshold depends on the signs.
+a 1.4x margin); a 1% error in a factor still fails it (test_svd_bound_fails_a_one_percent_error).
+With `svd_clamp` peft's SVD is patched to jaxft's sign convention, since the clamp threshold depends on the signs.
 """
 
 from __future__ import annotations
