@@ -37,7 +37,7 @@ def bf16(seeds: int) -> None:
                 fro.append(f)
             for name, path in t.BF16_BUGS.items():
                 block = "mlp" if path[0] == "mlp" or "post" in name else "attn"
-                errs = t.bf16_block_errors(model, config, params, seed, bug=t._scaled(path))
+                errs = t.bf16_block_errors(model, config, params, seed, bug=t.one_percent_on(path))
                 bugs[name] += [e[0] for k, e in errs.items() if k.startswith(block)]
         print(f"bf16 {variant} done: scale {max(scale):.2e} fro {max(fro):.2e}", flush=True)
     _report("bf16 blocks |fitted scale - 1|", scale)

@@ -199,7 +199,8 @@ def test_bf16_blocks_match_transformers(variant, tmp_path):
         assert fro > 1e-4, block  # bf16 is in effect
 
 
-def _scaled(path, factor=1.01):
+def one_percent_on(path, factor=1.01):
+    """An injected bug for `bf16_block_errors`: the layer's weight at `path` scaled by `factor`, rounded to bf16."""
     def bug(p):
         p = jax.tree.map(lambda a: a, p)
         node = p
@@ -220,7 +221,7 @@ def test_bf16_blocks_catch_a_one_percent_scale(name, tmp_path):
     """The injected bug: one weight 1% too large in bf16 fails the bf16 block test."""
     model, config, params = bf16_pair("llama_gqa_tied", 0, str(tmp_path))
     block = "attn" if BF16_BUGS[name][0] != "mlp" and "post" not in name else "mlp"
-    errors = bf16_block_errors(model, config, params, bug=_scaled(BF16_BUGS[name]))
+    errors = bf16_block_errors(model, config, params, bug=one_percent_on(BF16_BUGS[name]))
     assert all(errors[f"{block} L{l}"][0] > BF16_SCALE_TOL for l in range(config.num_hidden_layers))
 
 
