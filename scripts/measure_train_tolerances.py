@@ -6,7 +6,10 @@ seeds), so each tolerance can be stated with its margin. Prints one line per qua
 What it runs: the optimizer against torch AdamW (tests/train/test_optim.py, every case, fresh trees and gradients
 per seed); the trainer against transformers/peft (tests/train/test_trainer_parity.py: full fine-tuning with 1 and 2
 micro-batches, LoRA fp32 and bf16, fresh batches per seed); the export check on the tiny Qwen2
-(tests/train/test_export_verify.py: merged and adapter, all layers and the first 2, fresh adapter values per seed).
+(tests/train/test_export_verify.py: merged and adapter, all layers and the first 2, fresh adapter values per seed);
+the export check of bf16 runs (`model.param_dtype: bfloat16`, whose default `export.verify_tolerance` this measures):
+LoRA on all linear layers of tiny random Llama/Qwen2 models, adapters of a trained size and of the tests' size, full
+fine-tuning, and (`--smollm`) the embedded SmolLM2-135M-Instruct.
 """
 
 from __future__ import annotations
@@ -130,12 +133,91 @@ def export_check(seeds: int) -> None:
         print(f"export check {name}: max relative logit error {value:.2e}", flush=True)
 
 
+def export_bf16(seeds: int, smollm: bool) -> None:
+    """The export check's max relative logit error for runs with bf16 weights: jaxft's float32 logits of the bf16
+    base (plus the float32 adapter) against peft on the original float32 base (adapter) and transformers on the
+    merged files (the merged weights as exported)."""
+    import types
+
+    import jax
+    import jax.numpy as jnp
+
+    import jaxft
+    from hf_models import hf_tiny
+    from jaxft import peft as jpeft
+    from jaxft.train.config import method_spec, parse_config
+    from jaxft.train.exports import export_all, verify_tolerance
+    from jaxft.train.step import StaticModel
+
+    tmp = tempfile.mkdtemp()
+    data = os.path.join(tmp, "train.jsonl")
+    with open(data, "w") as f:
+        f.write('{"text": "unused"}\n')
+    worst: dict[str, float] = {}
+    default = None
+
+    def run(name, path, method, seed, scale, ids):
+        nonlocal default
+        raw = {"output_dir": os.path.join(tmp, name), "model": {"path": path, "param_dtype": "bfloat16",
+                                                                  "compute_dtype": "bfloat16"},
+               "data": {"train": [data]}, "method": method,
+               "export": {"adapter": method["type"] != "full", "merged": True, "verify": "on",
+                          "verify_tolerance": 1e9}}
+        cfg = parse_config(raw)
+        default = verify_tolerance(parse_config(dict(raw, export={})))
+        spec = method_spec(cfg.method)
+        config, params = jaxft.load_pretrained(path, dtype="bfloat16")
+        if spec is None:
+            trainable, frozen = jax.tree.map(lambda a: a.astype(jnp.float32), params), None
+        else:
+            trainable = jpeft.init(spec, config, params, jax.random.key(seed))
+            rng = np.random.default_rng(seed + 20)
+            trainable = jax.tree.map(lambda x: x + scale * rng.standard_normal(x.shape).astype(x.dtype), trainable)
+            frozen = params
+        model = StaticModel(config, spec, jaxft.ModelOptions(dtype=jnp.bfloat16, scan_layers=False))
+        prepared = types.SimpleNamespace(eval=[types.SimpleNamespace(ids=r) for r in ids])
+        return export_all(cfg, model, trainable, frozen, None, prepared, {"eval loss": 1.0})
+
+    lora = {"type": "lora", "r": 8, "alpha": 16, "target_modules": "all-linear"}
+    for variant in ("llama_gqa_tied", "llama_mqa_bias", "qwen2"):
+        for seed in range(seeds):
+            path = os.path.join(tmp, f"{variant}{seed}")
+            hf_tiny(variant, seed).save_pretrained(path)
+            ids = np.random.default_rng(seed).integers(0, 97, (2, 64))
+            for method, scale in ((lora, 0.02), (lora, 0.3), ({"type": "full"}, 0.0)):
+                out = run(f"{variant}{seed}{method['type']}{scale}", path, method, seed, scale, ids)
+                for kind in ("adapter", "merged"):
+                    if f"{kind} verify (rel. err)" in out:
+                        key = f"tiny {method['type']} (noise {scale}) {kind}"
+                        worst[key] = max(worst.get(key, 0.0), out[f"{kind} verify (rel. err)"])
+        print(f"export bf16 {variant} done", flush=True)
+    if smollm:
+        from jaxft.io.tokenizer import load_tokenizer
+
+        tok = load_tokenizer("smollm2-135m-instruct")
+        texts = ["The capital of France is Paris, and the capital of Italy is Rome. " * 4,
+                 "def add(a, b):\n    return a + b\n\nprint(add(2, 3))  # five " * 3]
+        rows = [tok(t, add_special_tokens=False)["input_ids"][:64] for t in texts]
+        ids = np.stack([r[:min(map(len, rows))] for r in rows])
+        for seed in range(min(seeds, 2)):
+            out = run(f"smollm{seed}", "smollm2-135m-instruct", lora, seed, 0.02, ids)
+            for kind in ("adapter", "merged"):
+                key = f"smollm2 lora (noise 0.02) {kind}"
+                worst[key] = max(worst.get(key, 0.0), out[f"{kind} verify (rel. err)"])
+    for name, value in sorted(worst.items()):
+        print(f"export check bf16 {name}: max relative logit error {value:.2e}", flush=True)
+    print(f"export.verify_tolerance default for bf16 weights today: {default:.0e}", flush=True)
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--seeds", type=int, default=3)
-    ap.add_argument("--only", choices=["optim", "parity", "export"], default=None)
+    ap.add_argument("--only", choices=["optim", "parity", "export", "export_bf16"], default=None)
+    ap.add_argument("--smollm", action="store_true", help="export_bf16 also on the embedded SmolLM2 (slow)")
     args = ap.parse_args()
     os.environ.setdefault("JAX_DEFAULT_MATMUL_PRECISION", "highest")
     for name, fn in (("optim", optim), ("parity", parity), ("export", export_check)):
         if args.only in (None, name):
             fn(args.seeds)
+    if args.only in (None, "export_bf16"):
+        export_bf16(args.seeds, args.smollm)

@@ -1,6 +1,7 @@
 """The real embedded SmolLM2-135M-Instruct weights against transformers (fp32), loaded once per session.
 
-Tolerances: logits relative error <= 1e-4; greedy continuation identical token for token.
+Tolerances: logits relative error <= 2e-5 (formerly 1e-4; measured 4.3e-6); greedy continuation identical token for
+token.
 """
 
 import jax
@@ -25,15 +26,20 @@ def test_config_of_embedded_model(smollm_jax):
     assert config.tie_word_embeddings and "lm_head" not in params
 
 
-def test_logits_match_transformers(smollm_jax, smollm_hf, smollm_tokenizer):
-    config, params = smollm_jax
-    text = smollm_tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
-                                                tokenize=False, add_generation_prompt=True)
-    ids = np.asarray([smollm_tokenizer(text, add_special_tokens=False)["input_ids"]])
+def logits_error(config, params, hf, tokenizer, question: str = "What is the capital of France?") -> float:
+    """jaxft's logits against transformers' on a chat prompt holding `question`."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": question}], tokenize=False,
+                                         add_generation_prompt=True)
+    ids = np.asarray([tokenizer(text, add_special_tokens=False)["input_ids"]])
     with torch.no_grad():
-        ref = smollm_hf(torch.tensor(ids)).logits.numpy()
+        ref = hf(torch.tensor(ids)).logits.numpy()
     out = jax.jit(lambda p, i: jaxft.forward(config, p, i))(params, jnp.asarray(ids))
-    assert rel_err(out, ref) <= 1e-4
+    return rel_err(out, ref)
+
+
+def test_logits_match_transformers(smollm_jax, smollm_hf, smollm_tokenizer):
+    # measured <= 4.3e-6 over 6 prompts (scripts/measure_model_tolerances.py --only smollm): 2e-5 keeps 4.6x
+    assert logits_error(*smollm_jax, smollm_hf, smollm_tokenizer) <= 2e-5
 
 
 def test_greedy_continuation_matches_transformers_generate(smollm_jax, smollm_hf, smollm_tokenizer):

@@ -1,11 +1,13 @@
 """combine_lora against peft 0.21's `add_weighted_adapter` on a tiny Llama, fp32, torch CPU.
 
-Tolerances: the factor types (`linear`, `ties`, `dare_*`, `magnitude_prune`, `cat`) are elementwise fp32 arithmetic in
-peft's order: their factors are asserted bit-identical, their deltas (a matmul: BLAS vs XLA) equal to 1e-6 relative
-(Frobenius, per projection). The svd types go through two
-different LAPACKs (MKL in torch, jaxlib's): deltas agree to 1e-5 relative, factors to 1e-5 after each rank
-component's sign is aligned (signs of singular vectors are a free choice). With `svd_clamp` peft's SVD is patched to
-jaxft's sign convention, since the clamp threshold depends on the signs.
+Tolerances (measured over 5 seeds of the adapters, every case: scripts/measure_model_tolerances.py --only peft): the
+factor types (`linear`, `ties`, `dare_*`, `magnitude_prune`, `cat`) are elementwise fp32 arithmetic in peft's order:
+their factors are asserted bit-identical, their deltas (a matmul: BLAS vs XLA) equal to 1e-6 relative (Frobenius, per
+projection; measured bit-equal on this CPU, the bound leaves room for another BLAS's summation order). The svd types
+go through two different LAPACKs (MKL in torch, jaxlib's): deltas and factors (after each rank component's sign is
+aligned: signs of singular vectors are a free choice) agree to 2.5e-5 relative (measured 7.1e-6; the former 1e-5 kept
+a 1.4x margin); a 1% error in a factor still fails it (test_svd_bound_fails_a_one_percent_error).
+With `svd_clamp` peft's SVD is patched to jaxft's sign convention, since the clamp threshold depends on the signs.
 """
 
 from __future__ import annotations
@@ -31,14 +33,19 @@ ADAPTERS = {  # name: (r, lora_alpha, use_rslora)
     "p": (4, 8, False), "q": (4, 4, False), "t": (4, 2, False), "w": (6, 12, False),
     "rs": (4, 8, True), "rs6": (6, 3, True),
 }
-FACTOR_TOL, SVD_TOL = 1e-6, 1e-5
+FACTOR_TOL, SVD_TOL = 1e-6, 2.5e-5
 
 
 @pytest.fixture(scope="module")
 def model():
+    return make_model()
+
+
+def make_model(seed: int = 0):
+    """A tiny peft Llama holding every adapter of ADAPTERS with random non-zero A and B (torch seeds seed, seed + 1)."""
     cfg = transformers.LlamaConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                    num_key_value_heads=2, vocab_size=64, max_position_embeddings=64)
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     pm = None
     for name, (r, alpha, rs) in ADAPTERS.items():
         lc = peft.LoraConfig(r=r, lora_alpha=alpha, use_rslora=rs, target_modules=list(PROJS))
@@ -46,7 +53,7 @@ def model():
             pm = peft.get_peft_model(transformers.LlamaForCausalLM(cfg), lc, adapter_name=name)
         else:
             pm.add_adapter(name, lc)
-    gen = torch.Generator().manual_seed(1)
+    gen = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for layer in _layers(pm):
             for name in ADAPTERS:  # random, non-zero A and B (peft's default init has B = 0)
@@ -173,6 +180,20 @@ def test_matches_peft(model, monkeypatch, ctype, names, weights, kw):
         tol = SVD_TOL if is_svd else FACTOR_TOL
         assert _rel(ours_peft.delta(), _peft_delta(mods, new)) < tol, proj
         assert _rel(ours.delta() * ref.scale, _peft_delta(mods, new)) < tol, proj
+
+
+def test_svd_bound_fails_a_one_percent_error(model):
+    """The injected bug: an svd combination's b 1% too large is far outside SVD_TOL (factors and delta)."""
+    names, weights = ["p", "w"], [0.7, -0.4]
+    model.add_weighted_adapter(names, weights, "svd_bug", combination_type="svd")
+    for proj, mods in _by_proj(model).items():
+        ours = combine_lora([_factors(mods, n) for n in names], weights, "svd")
+        ref = _factors(mods, "svd_bug")
+        a, b = _align_signs(ours.a, ours.b, np.asarray(ref.a))
+        assert _rel(a, ref.a) < SVD_TOL and _rel(b, ref.b) < SVD_TOL, proj
+        assert _rel(b * 1.01, ref.b) > 10 * SVD_TOL, proj
+        bad = LoraFactors(ours.a, ours.b * 1.01, ours.scale)
+        assert _rel(bad.delta() * ref.scale, _peft_delta(mods, "svd_bug")) > 10 * SVD_TOL, proj
 
 
 def test_cat_is_exact_and_linear_is_not(model):

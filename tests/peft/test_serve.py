@@ -13,9 +13,9 @@ from jaxft import peft as jpeft
 from peft_ref import jax_logits, tiny_pair, torch_logits
 
 
-def _noisy(tree, scale=0.3):
+def _noisy(tree, scale=0.3, key=4):
     leaves, treedef = jax.tree.flatten(tree)
-    keys = jax.random.split(jax.random.key(4), len(leaves))
+    keys = jax.random.split(jax.random.key(key), len(leaves))
     return jax.tree.unflatten(treedef, [x + scale * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)])
 
 
@@ -29,18 +29,42 @@ SPECS = {
 
 @pytest.mark.parametrize("name", list(SPECS))
 def test_to_lora_is_exact_at_full_rank_and_reports_the_svd_tail_below(name, tmp_path):
-    _, config, params = tiny_pair("llama_mha_untied", tmp_path)
+    errors = to_lora_errors(name, tmp_path)
+    # Measured over model and adapter seeds 0-4, every spec (scripts/measure_model_tolerances.py --only peft):
+    # reported 1.1e-6, logits 3.6e-6 (so LOGITS_TOL, formerly 1e-5, is 1.5e-5), rank 1 against numpy 1.6e-7.
+    assert errors["full rank reported"] <= 1e-5 and errors["full rank logits"] <= LOGITS_TOL
+    assert errors["rank 1 reported vs numpy"] <= 1e-6
+
+
+def test_logits_bound_fails_a_one_percent_error(tmp_path):
+    """The injected bug: the converted LoRA's B 1% too large fails LOGITS_TOL."""
+    scale_b = lambda t: {k: scale_b(v) if isinstance(v, dict) else v * 1.01 if k == "lora_b" else v
+                         for k, v in t.items()}
+    assert to_lora_errors("dora_layers", tmp_path, bug=scale_b)["full rank logits"] > LOGITS_TOL
+
+
+LOGITS_TOL = 1.5e-5
+
+
+def to_lora_errors(name: str, tmp_path, seed: int = 0, bug=None) -> dict[str, float]:
+    """At full rank: the largest error to_lora reports, and the logits' relative error against the source adapter;
+    at rank 1: |reported - numpy's tail energy| / (1e-2 + numpy's) (rtol with an atol where numpy's is ~0).
+    `bug(lora) -> lora` alters the converted adapter before the logits (injected-bug tests)."""
+    _, config, params = tiny_pair("llama_mha_untied", tmp_path, seed)
     spec = SPECS[name]
-    adapter = _noisy(jpeft.init(spec, config, params, jax.random.key(0)))
+    adapter = _noisy(jpeft.init(spec, config, params, jax.random.key(seed)), key=4 + seed)
     want = jax_logits(config, jpeft.bind(params, spec, adapter))
     full = min(config.hidden_size, config.intermediate_size)
     lspec, lora, errors = jpeft.to_lora(spec, adapter, params, full)
     assert isinstance(lspec, jpeft.LoraSpec) and lspec.r == full
-    assert max(float(e.max()) for e in errors.values()) <= 1e-5
-    assert rel_err(jax_logits(config, jpeft.bind(params, lspec, lora)), want) <= 1e-5
+    if bug is not None:
+        lora = bug(lora)
+    out = {"full rank reported": max(float(e.max()) for e in errors.values()),
+           "full rank logits": rel_err(jax_logits(config, jpeft.bind(params, lspec, lora)), want)}
 
     _, _, errors = jpeft.to_lora(spec, adapter, params, 1)
     merged = jpeft.merge(params, spec, adapter)
+    worst = 0.0
     for path, err in errors.items():
         keys = path.split(".")
         base, new = params, merged
@@ -50,8 +74,10 @@ def test_to_lora_is_exact_at_full_rank_and_reports_the_svd_tail_below(name, tmp_
         s = np.linalg.svd(delta, compute_uv=False)  # [L, min(in, out)]
         total = (s ** 2).sum(-1)
         ref = np.sqrt(np.where(total > 0, (s[:, 1:] ** 2).sum(-1) / np.where(total > 0, total, 1), 0))
-        np.testing.assert_allclose(err, ref, rtol=1e-4, atol=1e-6)
+        worst = max(worst, float(np.max(np.abs(np.asarray(err, np.float64) - ref) / (1e-2 + np.abs(ref)))))
         assert err.max() > 0.05  # rank 1 really loses something
+    out["rank 1 reported vs numpy"] = worst
+    return out
 
 
 def test_to_lora_output_serves(tmp_path):

