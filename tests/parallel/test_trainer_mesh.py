@@ -19,8 +19,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 CHILD = os.path.join(ROOT, "tests", "train", "trainer_child.py")
 STEPS = 4
-# Largest relative loss difference measured between the resumed (4 steps on 8 devices, then one) and the
-# one-device run: see the commit; bound with a 3x margin over it.
+# Largest relative loss difference measured between the resumed run (2 steps on 8 devices, 2 on one) and the
+# one-device run: 8.9e-8 (jax 0.10.2); the bound is the sharded-step bound of test_sharded_training (1e-5).
 LOSS_RTOL = 1e-5
 
 pytestmark = pytest.mark.slow
@@ -88,5 +88,6 @@ def test_checkpoint_from_an_fsdp_run_resumes_on_one_device(tmp_path):
     assert main([_config(tmp_path, sharded)]) == 0  # resumes here, on one device
     got, want = _losses(sharded), _losses(ref)
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
-    for s in want:
-        assert abs(got[s] - want[s]) <= LOSS_RTOL * abs(want[s]), (s, got, want)
+    worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
+    print(f"largest relative loss difference, resumed vs one device: {worst:.2e}")
+    assert worst <= LOSS_RTOL, (got, want)
