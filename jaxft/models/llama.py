@@ -31,6 +31,7 @@ from jaxft.ops.attention import attention, attention_mask, blocked_causal_attent
 from jaxft.ops.linear import Weight, linear
 from jaxft.ops.norms import rms_norm
 from jaxft.ops.rope import apply_rope, rope_tables
+from jaxft.ops.sharding import batch_rows
 
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
@@ -176,7 +177,8 @@ def decoder_layer(c: LlamaConfig, p: dict, x: jax.Array, cos: jax.Array, sin: ja
 def embed(config: LlamaConfig, params: dict, input_ids: jax.Array, dtype=jnp.float32) -> jax.Array:
     """Token embeddings `[B, T, D]` in `dtype`."""
     table = params["model"]["embed_tokens"]["weight"]
-    return jnp.take(table, input_ids, axis=0).astype(dtype)
+    # Under a mesh the gather would otherwise follow the table's (FSDP) sharding and replicate the rows.
+    return batch_rows(jnp.take(table, input_ids, axis=0).astype(dtype))
 
 
 def head_weight(config: LlamaConfig, params: dict) -> Any:
@@ -238,8 +240,8 @@ def decoder(config: LlamaConfig, params: dict, x_btd: jax.Array, *, positions: j
 
     def body(h, xs):
         layer_params, layer = xs
-        h, new_kv = decoder_layer(c, layer_params, h, cos, sin, inputs, layer)
-        return h.astype(x_btd.dtype), new_kv
+        h, new_kv = decoder_layer(c, layer_params, batch_rows(h), cos, sin, inputs, layer)
+        return batch_rows(h.astype(x_btd.dtype)), new_kv
 
     if options.remat != "none":
         body = jax.checkpoint(body, policy=_POLICIES[options.remat], prevent_cse=not options.scan_layers)
@@ -274,7 +276,7 @@ def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, po
     """Final hidden states `[B, T, D]` (after the last norm), in `options.dtype`. `embeds[B, T, D]` replaces the
     token embedding lookup (prompt tuning)."""
     positions, segment_ids = _inputs(input_ids, positions, segment_ids)
-    x = embed(config, params, input_ids, options.dtype) if embeds is None else embeds.astype(options.dtype)
+    x = embed(config, params, input_ids, options.dtype) if embeds is None else batch_rows(embeds.astype(options.dtype))
     h, _ = decoder(config, params, x, positions=positions, segment_ids=segment_ids, options=options,
                    prefix_kv=prefix_kv)
     return h

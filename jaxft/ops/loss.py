@@ -5,6 +5,10 @@ micro-batches divides once by the loss-token count of the whole step (not a mean
 
 Two paths, chosen by the type of the head weight:
 
+Chunks run along the sequence of every row at once (`[B, C]` tokens per chunk, about `chunk_size` in all), never
+across rows: with the rows split over devices (data parallelism), each device computes the loss of its own rows
+only, which a chunking of the flattened `[B * T]` tokens would not allow (a chunk would hold other devices' rows).
+
 - plain array `head_w[D, V]` (or a tied head's `[V, D]` embedding table with `transposed=True`): a `custom_vjp`.
   Per chunk of tokens it computes the logits, the fp32 log-sum-exp and, when differentiating, the logit gradient
   `G = mask * (softmax - onehot)` right away, with `dh = G @ W.T` and `dW += h.T @ G`. That is three matmuls per
@@ -25,6 +29,7 @@ import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
 
 from jaxft.ops.linear import Weight, linear
+from jaxft.ops.sharding import batch_rows
 
 DEFAULT_CHUNK_SIZE = 512
 
@@ -64,31 +69,45 @@ def cross_entropy_sum(
             f"cross_entropy_sum: expected hidden [N, D], targets [N], mask [N]; got {hidden.shape}, "
             f"{targets.shape}, {mask.shape}; flatten batch and time first"
         )
+    _check_head(head_w, hidden.shape[1], transposed)
+    return _rows_loss(hidden[None], head_w, targets[None], mask[None], chunk_size, logits_dtype, transposed)
+
+
+def _rows_loss(hidden_btd: jax.Array, head_w: Any, targets_bt: jax.Array, mask_bt: jax.Array, chunk_size: int,
+               logits_dtype: Any, transposed: bool) -> tuple[jax.Array, jax.Array]:
+    """`cross_entropy_sum` of `[B, T]` rows, chunked along T with about `chunk_size` tokens per chunk."""
+    if chunk_size < 1:
+        raise ValueError(f"cross_entropy_sum: chunk_size must be >= 1, got {chunk_size}")
+    mask_f = mask_bt.astype(jnp.float32)
+    n_tokens = jnp.sum(mask_f)
+    b, t = targets_bt.shape
+    if b * t == 0:
+        return jnp.zeros((), jnp.float32), n_tokens
+    chunk = min(t, -(-chunk_size // b))  # positions per row per chunk: about chunk_size tokens in all
+    n_chunks = -(-t // chunk)
+    pad = n_chunks * chunk - t
+    if pad:  # padding carries mask 0
+        hidden_btd, targets_bt, mask_f = (jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2))
+                                          for x in (hidden_btd, targets_bt, mask_f))
+    targets_bt = targets_bt.astype(jnp.int32)
+    if isinstance(head_w, Weight):
+        loss = _loss_autodiff(hidden_btd, head_w, targets_bt, mask_f, jnp.dtype(logits_dtype), chunk)
+    else:
+        loss = _loss_dense(hidden_btd, head_w, targets_bt, mask_f, jnp.dtype(logits_dtype), transposed, chunk)
+    return loss, n_tokens
+
+
+def _check_head(head_w: Any, d: int, transposed: bool) -> None:
     if transposed and isinstance(head_w, Weight):
         raise ValueError("cross_entropy_sum: transposed=True takes a plain [V, D] array; pass a composite head "
                          "weight as [D, V] with transposed=False")
     d_axis = 1 if transposed else 0
-    if len(head_w.shape) != 2 or head_w.shape[d_axis] != hidden.shape[1]:
+    if len(head_w.shape) != 2 or head_w.shape[d_axis] != d:
         want = "[V, D]" if transposed else "[D, V]"
         raise ValueError(
-            f"cross_entropy_sum: head weight must be {want} with D={hidden.shape[1]}, got {tuple(head_w.shape)}; "
+            f"cross_entropy_sum: head weight must be {want} with D={d}, got {tuple(head_w.shape)}; "
             "for tied embeddings pass the [V, D] table with transposed=True"
         )
-    if chunk_size < 1:
-        raise ValueError(f"cross_entropy_sum: chunk_size must be >= 1, got {chunk_size}")
-    mask_f = mask.astype(jnp.float32)
-    n_tokens = jnp.sum(mask_f)
-    n = hidden.shape[0]
-    if n == 0:
-        return jnp.zeros((), jnp.float32), n_tokens
-    chunk = min(chunk_size, n)
-    n_chunks = -(-n // chunk)
-    h_kcd, t_kc, m_kc = (_chunked(x, n_chunks, chunk) for x in (hidden, targets.astype(jnp.int32), mask_f))
-    if isinstance(head_w, Weight):
-        loss = _loss_autodiff(h_kcd, head_w, t_kc, m_kc, jnp.dtype(logits_dtype))
-    else:
-        loss = _loss_dense(h_kcd, head_w, t_kc, m_kc, jnp.dtype(logits_dtype), transposed)
-    return loss, n_tokens
 
 
 def causal_lm_loss(
@@ -126,99 +145,108 @@ def causal_lm_loss(
         raise ValueError(f"causal_lm_loss: segment_ids must be [B, T] = {(b, t)}, got {segment_ids.shape}")
     same_seq = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (segment_ids[:, :-1] != 0)
     weight = loss_mask[:, 1:].astype(jnp.float32) * same_seq
-    # Keep all T positions (the last one masked) so the flattening of hidden is a free reshape, not a copy.
+    # Keep all T positions (the last one masked) so that hidden is chunked as it is, not cut and copied.
     targets_bt = jnp.pad(input_ids[:, 1:], ((0, 0), (0, 1)))
     weight_bt = jnp.pad(weight, ((0, 0), (0, 1)))
-    return cross_entropy_sum(hidden.reshape(b * t, d), head_w, targets_bt.reshape(-1), weight_bt.reshape(-1), **kwargs)
+    unknown = set(kwargs) - {"chunk_size", "logits_dtype", "transposed"}
+    if unknown:
+        raise TypeError(f"causal_lm_loss: unexpected keyword arguments {sorted(unknown)}")
+    transposed = kwargs.get("transposed", False)
+    _check_head(head_w, d, transposed)
+    return _rows_loss(hidden, head_w, targets_bt, weight_bt, kwargs.get("chunk_size", DEFAULT_CHUNK_SIZE),
+                      kwargs.get("logits_dtype", jnp.float32), transposed)
 
 
-def _chunked(x: jax.Array, n_chunks: int, chunk: int) -> jax.Array:
-    """`[N, ...] -> [n_chunks, chunk, ...]`, zero-padded at the end (padding carries mask 0)."""
-    pad = n_chunks * chunk - x.shape[0]
-    if pad:
-        x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
-    return x.reshape(n_chunks, chunk, *x.shape[1:])
+def _chunk_forward(logits_bcv: jax.Array, t_bc: jax.Array, m_bc: jax.Array, *, gather: bool):
+    """fp32 logits `[..., V]` -> (masked loss sum, exp(logits - max) `[..., V]`, its row sums `[..., 1]`, one-hot
+    mask).
 
-
-def _chunk_forward(logits_cv: jax.Array, t_c: jax.Array, m_c: jax.Array, *, gather: bool):
-    """fp32 logits `[C, V]` -> (masked loss sum, exp(logits - max) `[C, V]`, its row sums `[C, 1]`, one-hot mask).
-
-    `gather=True` reads the C target logits with take_along_axis (no extra pass over `[C, V]`; used where no
+    `gather=True` reads the target logits with take_along_axis (no extra pass over `[..., V]`; used where no
     autodiff follows). `gather=False` selects them with a one-hot comparison, whose autodiff is a fused select
-    rather than the scatter-add into `[C, V]` zeros that take_along_axis would transpose to.
+    rather than the scatter-add into `[..., V]` zeros that take_along_axis would transpose to.
     """
-    logits_cv = logits_cv.astype(jnp.float32)
+    logits_bcv = logits_bcv.astype(jnp.float32)
     # lse is invariant to the shift, so the max needs no gradient (saves autodiff an argmax scatter).
-    row_max = jax.lax.stop_gradient(jnp.max(logits_cv, axis=-1, keepdims=True))
-    exp_cv = jnp.exp(logits_cv - row_max)
-    sum_c1 = jnp.sum(exp_cv, axis=-1, keepdims=True)
-    lse_c = (jnp.log(sum_c1) + row_max)[:, 0]
-    onehot_cv = jnp.arange(logits_cv.shape[-1], dtype=jnp.int32)[None, :] == t_c[:, None]
+    row_max = jax.lax.stop_gradient(jnp.max(logits_bcv, axis=-1, keepdims=True))
+    exp_bcv = jnp.exp(logits_bcv - row_max)
+    sum_bc1 = jnp.sum(exp_bcv, axis=-1, keepdims=True)
+    lse_bc = (jnp.log(sum_bc1) + row_max)[..., 0]
+    onehot_bcv = jnp.arange(logits_bcv.shape[-1], dtype=jnp.int32) == t_bc[..., None]
     if gather:
-        safe_t = jnp.clip(t_c, 0, logits_cv.shape[-1] - 1)  # masked targets may be -100
-        target_c = jnp.take_along_axis(logits_cv, safe_t[:, None], axis=-1)[:, 0]
+        safe_t = jnp.clip(t_bc, 0, logits_bcv.shape[-1] - 1)  # masked targets may be -100
+        target_bc = jnp.take_along_axis(logits_bcv, safe_t[..., None], axis=-1)[..., 0]
     else:
-        target_c = jnp.sum(jnp.where(onehot_cv, logits_cv, 0.0), axis=-1)
-    return jnp.sum((lse_c - target_c) * m_c), exp_cv, sum_c1, onehot_cv
+        target_bc = jnp.sum(jnp.where(onehot_bcv, logits_bcv, 0.0), axis=-1)
+    return jnp.sum((lse_bc - target_bc) * m_bc), exp_bcv, sum_bc1, onehot_bcv
 
 
-def _logits(h_cd: jax.Array, w: jax.Array, logits_dtype, transposed: bool) -> jax.Array:
-    # The plain-array case of `linear`, with an fp32 (logits_dtype) output instead of one rounded to hidden.dtype.
-    return jnp.einsum("cd,vd->cv" if transposed else "cd,dv->cv", h_cd, w.astype(h_cd.dtype),
-                      preferred_element_type=logits_dtype)
+def _logits(h_bcd: jax.Array, w: jax.Array, logits_dtype, transposed: bool) -> jax.Array:
+    # The plain-array case of `linear`, with an fp32 (logits_dtype) output instead of one rounded to hidden.dtype;
+    # the rows stay split over the data-parallel devices (the vocabulary axis is left to GSPMD).
+    logits = jnp.einsum("bcd,vd->bcv" if transposed else "bcd,dv->bcv", h_bcd, w.astype(h_bcd.dtype),
+                        preferred_element_type=logits_dtype)
+    return batch_rows(logits, rest_free=True)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _loss_dense(h_kcd, w, t_kc, m_kc, logits_dtype, transposed):
-    """Loss only (no gradient requested): a scan over chunks. `h_kcd[K, C, D]`, `t_kc`, `m_kc[K, C]`; `w` is
-    `[D, V]`, or `[V, D]` when `transposed`."""
-
-    def body(total, xs):
-        h_cd, t_c, m_c = xs
-        return total + _chunk_forward(_logits(h_cd, w, logits_dtype, transposed), t_c, m_c, gather=True)[0], None
-
-    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (h_kcd, t_kc, m_kc))[0]
+def _slice(x: jax.Array, k: jax.Array, chunk: int, axis: int = 1) -> jax.Array:
+    return jax.lax.dynamic_slice_in_dim(x, k * chunk, chunk, axis=axis)
 
 
-def _loss_dense_fwd(h_kcd, w, t_kc, m_kc, logits_dtype, transposed):
-    """Loss plus d loss / d hidden `[K, C, D]` and d loss / d W (each only if its input is perturbed)."""
-    want_dh, want_dw = h_kcd.perturbed, w.perturbed
-    h_kcd, w, t_kc, m_kc = h_kcd.value, w.value, t_kc.value, m_kc.value
-    cdt = h_kcd.dtype
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _loss_dense(h_btd, w, t_bt, m_bt, logits_dtype, transposed, chunk):
+    """Loss only (no gradient requested): a loop over chunks of `chunk` positions of every row. `h_btd[B, T, D]`,
+    `t_bt`, `m_bt[B, T]` (T a multiple of chunk); `w` is `[D, V]`, or `[V, D]` when `transposed`."""
+
+    def body(total, k):
+        h_bcd, t_bc, m_bc = (_slice(x, k, chunk) for x in (h_btd, t_bt, m_bt))
+        return total + _chunk_forward(_logits(h_bcd, w, logits_dtype, transposed), t_bc, m_bc, gather=True)[0], None
+
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(h_btd.shape[1] // chunk))[0]
+
+
+def _loss_dense_fwd(h_btd, w, t_bt, m_bt, logits_dtype, transposed, chunk):
+    """Loss plus d loss / d hidden `[B, T, D]` and d loss / d W (each only if its input is perturbed)."""
+    want_dh, want_dw = h_btd.perturbed, w.perturbed
+    h_btd, w, t_bt, m_bt = h_btd.value, w.value, t_bt.value, m_bt.value
+    cdt = h_btd.dtype
     w_cdt = w.astype(cdt)
+    # h is also read as [D, B, T]: XLA:CPU's dot is slower when it contracts the leading axis of both operands
+    # (h.T @ G) than on a plain [D, (B, C)] @ [(B, C), V].
+    h_dbt = jnp.transpose(h_btd, (2, 0, 1)) if want_dw else None
 
-    def body(dw_dv, xs):
-        h_cd, h_dc, t_c, m_c = xs
-        loss, exp_cv, sum_c1, onehot_cv = _chunk_forward(_logits(h_cd, w, logits_dtype, transposed), t_c, m_c,
-                                                         gather=True)
+    def body(carry, k):
+        dh_btd, dw_dv, total = carry
+        h_bcd, t_bc, m_bc = (_slice(x, k, chunk) for x in (h_btd, t_bt, m_bt))
+        loss, exp_bcv, sum_bc1, onehot_bcv = _chunk_forward(_logits(h_bcd, w, logits_dtype, transposed), t_bc,
+                                                            m_bc, gather=True)
         # d loss / d logits = mask * (softmax - onehot); rounded to the compute dtype for the two matmuls, as
         # autodiff of a bf16 matmul would.
-        g_cv = (exp_cv * (m_c[:, None] / sum_c1) - jnp.where(onehot_cv, m_c[:, None], 0.0)).astype(cdt)
-        dh_cd = None
+        g_bcv = (exp_bcv * (m_bc[..., None] / sum_bc1) - jnp.where(onehot_bcv, m_bc[..., None], 0.0)).astype(cdt)
         if want_dh:
-            dh_cd = jnp.einsum("cv,vd->cd" if transposed else "cv,dv->cd", g_cv, w_cdt,
-                               preferred_element_type=jnp.float32).astype(cdt)
+            dh_bcd = jnp.einsum("bcv,vd->bcd" if transposed else "bcv,dv->bcd", g_bcv, w_cdt,
+                                preferred_element_type=jnp.float32).astype(cdt)
+            dh_btd = jax.lax.dynamic_update_slice_in_dim(dh_btd, batch_rows(dh_bcd), k * chunk, axis=1)
         if want_dw:
-            dw_dv = dw_dv + jnp.einsum("dc,cv->dv", h_dc, g_cv, preferred_element_type=jnp.float32)
-        return dw_dv, (loss, dh_cd)
+            dw_dv = dw_dv + jnp.einsum("dbc,bcv->dv", _slice(h_dbt, k, chunk, axis=2), g_bcv,
+                                       preferred_element_type=jnp.float32)
+        return (dh_btd, dw_dv, total + loss), None
 
     d, v = w.shape[::-1] if transposed else w.shape
+    dh0 = batch_rows(jnp.zeros_like(h_btd)) if want_dh else None
     dw0 = jnp.zeros((d, v), jnp.float32) if want_dw else None
-    # h is handed to the loop also transposed, [K, D, C]: XLA:CPU's dot is slower when it contracts the leading
-    # axis of both operands (h.T @ G) than on a plain [D, C] @ [C, V].
-    h_kdc = jnp.swapaxes(h_kcd, 1, 2)
-    dw_dv, (loss_k, dh_kcd) = jax.lax.scan(body, dw0, (h_kcd, h_kdc, t_kc, m_kc))
+    (dh_btd, dw_dv, loss), _ = jax.lax.scan(body, (dh0, dw0, jnp.zeros((), jnp.float32)),
+                                            jnp.arange(h_btd.shape[1] // chunk))
     if want_dw:
         dw_dv = (dw_dv.T if transposed else dw_dv).astype(w.dtype)
-    return jnp.sum(loss_k), (dh_kcd, dw_dv)
+    return loss, (dh_btd, dw_dv)
 
 
-def _loss_dense_bwd(logits_dtype, transposed, res, ct):
-    del logits_dtype, transposed
-    dh_kcd, dw_dv = res
+def _loss_dense_bwd(logits_dtype, transposed, chunk, res, ct):
+    del logits_dtype, transposed, chunk
+    dh_btd, dw_dv = res
     if isinstance(ct, SymbolicZero):
         return None, None, None, None
-    dh = None if dh_kcd is None else (dh_kcd * ct).astype(dh_kcd.dtype)
+    dh = None if dh_btd is None else (dh_btd * ct).astype(dh_btd.dtype)
     dw = None if dw_dv is None else (dw_dv * ct).astype(dw_dv.dtype)
     return dh, dw, None, None
 
@@ -226,14 +254,22 @@ def _loss_dense_bwd(logits_dtype, transposed, res, ct):
 _loss_dense.defvjp(_loss_dense_fwd, _loss_dense_bwd, symbolic_zeros=True)
 
 
-def _loss_autodiff(h_kcd: jax.Array, head_w: Weight, t_kc: jax.Array, m_kc: jax.Array, logits_dtype) -> jax.Array:
-    """Composite head weight: autodiff through `linear`, one chunk of logits live at a time (remat per chunk)."""
+def _loss_autodiff(h_btd: jax.Array, head_w: Weight, t_bt: jax.Array, m_bt: jax.Array, logits_dtype,
+                   chunk: int) -> jax.Array:
+    """Composite head weight: autodiff through `linear`, one chunk of logits live at a time (remat per chunk). The
+    chunks are stacked `[K, B, C, ...]` (autodiff of a stacked scan input is a stacked output, not a sum of
+    full-size updates)."""
+
+    def stack(x):
+        b, t = x.shape[:2]
+        return jnp.swapaxes(x.reshape(b, t // chunk, chunk, *x.shape[2:]), 0, 1)
 
     @jax.checkpoint
-    def chunk_loss(w, h_cd, t_c, m_c):
-        return _chunk_forward(linear(h_cd, w).astype(logits_dtype), t_c, m_c, gather=False)[0]
+    def chunk_loss(w, h_bcd, t_bc, m_bc):
+        logits = batch_rows(linear(batch_rows(h_bcd), w).astype(logits_dtype), rest_free=True)
+        return _chunk_forward(logits, t_bc, m_bc, gather=False)[0]
 
     def body(total, xs):
         return total + chunk_loss(head_w, *xs), None
 
-    return jax.lax.scan(body, jnp.zeros((), jnp.float32), (h_kcd, t_kc, m_kc))[0]
+    return jax.lax.scan(body, jnp.zeros((), jnp.float32), tuple(stack(x) for x in (h_btd, t_bt, m_bt)))[0]

@@ -56,8 +56,9 @@ class Method(abc.ABC):
         """`params` with the adapter's composite leaves in place (no arithmetic)."""
 
     def trainable_mask(self, spec: Any, params: dict, adapter: dict) -> dict:
-        """Bool arrays like `adapter`: False where an entry must not move (padding, untransformed layers)."""
-        return jax.tree.map(lambda v: np.ones(v.shape, bool), adapter)
+        """Bool arrays like `adapter`: False where an entry must not move (padding, untransformed layers). A leaf
+        that trains whole is `all_true(shape)`, a view that holds one value."""
+        return jax.tree.map(lambda v: all_true(v.shape), adapter)
 
     @abc.abstractmethod
     def logical_axes(self, spec: Any, config: LlamaConfig, adapter: dict) -> dict:
@@ -116,6 +117,12 @@ class Method(abc.ABC):
         """Keyword arguments of `jaxft.forward` that add the method's inputs, and how many leading outputs belong to
         virtual tokens (see `jaxft.peft.prompt_inputs`)."""
         raise ConfigError(f"prompt_inputs: {type(spec).__name__} is not a prompt method")
+
+
+def all_true(shape: tuple[int, ...]) -> np.ndarray:
+    """A read-only bool array of `shape`, all True, in one byte of memory (a broadcast view): the mask of a leaf
+    that trains whole, which `jaxft.peft.mask_updates` reduces to a plain True."""
+    return np.broadcast_to(np.True_, tuple(shape))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -202,7 +209,7 @@ class LinearMethod(Method):
         """Logical axes of the entry's leaves, from the kernel's `axes` (`('layers', in, out)` or `(in, out)`)."""
 
     def mask_module(self, spec: Any, mp: ModulePlan, entry: Any) -> Any:
-        return jax.tree.map(lambda v: np.ones(v.shape, bool), entry)
+        return jax.tree.map(lambda v: all_true(v.shape), entry)
 
     def merge_module(self, spec: Any, mp: ModulePlan, node: dict, base: dict) -> None:
         """Fold the bound composite in `node` into plain arrays (in `base`'s dtypes), in place."""
@@ -265,7 +272,7 @@ class LinearMethod(Method):
         return out
 
     def trainable_mask(self, spec, params, adapter):
-        masks = jax.tree.map(lambda v: np.ones(v.shape, bool), adapter)
+        masks = jax.tree.map(lambda v: all_true(v.shape), adapter)
         for mp in self.plans(spec, params):
             path = self._entry_path(mp)
             set_path(masks, path, self.mask_module(spec, mp, get_path(masks, path)))

@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from jaxft.models.config import LlamaConfig
@@ -57,12 +58,42 @@ def logical_axes(spec: Any, config: LlamaConfig, adapter: dict) -> dict:
     return method_for(spec).logical_axes(spec, config, adapter)
 
 
+def compact_mask(mask: Any) -> bool | np.ndarray:
+    """One leaf of a trainable mask in its smallest form: `True` (trains whole), `False` (frozen whole), or a bool
+    array with size 1 on every axis along which the mask does not change (LoRA's rank padding of `[L, in, R]` is
+    `[L, 1, R]`), which broadcasts against the leaf. A step then holds no full-size mask constant (a Llama-8B LoRA
+    mask would be ~42M entries)."""
+    if isinstance(mask, (bool, np.bool_)):
+        return bool(mask)
+    m = np.asarray(mask, bool)
+    m = m[tuple(slice(0, 1) if stride == 0 else slice(None) for stride in m.strides)]  # broadcast views: free
+    if m.all():
+        return True
+    if not m.any():
+        return False
+    for axis in range(m.ndim):
+        if m.shape[axis] > 1:
+            first = np.take(m, [0], axis=axis)
+            if np.array_equal(m, np.broadcast_to(first, m.shape)):
+                m = first
+    return np.ascontiguousarray(m)
+
+
 def mask_updates(mask: dict) -> optax.GradientTransformation:
     """An optax transformation that zeroes updates where `mask` is False (chain it last, after the optimizer, so
-    weight decay cannot move frozen entries either)."""
+    weight decay cannot move frozen entries either). Leaves may be bool arrays, broadcastable bool arrays or
+    plain bools; each is reduced by `compact_mask`, and a leaf that trains whole costs nothing."""
+    compact = jax.tree.map(compact_mask, mask)
+
+    def apply(u, m):
+        if m is True:
+            return u
+        if m is False:
+            return jnp.zeros_like(u)
+        return jnp.where(m, u, jnp.zeros_like(u))
 
     def update(updates, state, params=None):
         del params
-        return jax.tree.map(lambda u, m: jnp.where(m, u, jnp.zeros_like(u)), updates, mask), state
+        return jax.tree.map(apply, updates, compact), state
 
     return optax.GradientTransformation(lambda params: optax.EmptyState(), update)

@@ -41,6 +41,7 @@ from jaxft.train.exports import export_all, requested_exports
 from jaxft.train.optim import lr_schedule, make_optimizer, warmup_steps
 from jaxft.train.preflight import Prepared, check_output_dir, prepare, saved_config
 from jaxft.train.report import MetricsWriter, format_summary, plot_curves
+from jaxft.train.sharded import Placement, check_run, place_session_trees, placement, run_mesh
 from jaxft.train.signals import StopSignal
 from jaxft.train.step import StaticModel, count_params, make_eval_step, make_train_step
 
@@ -60,7 +61,10 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _stack(batches: list[dict]) -> dict:
+def _stack(batches: list[dict], sharding: Any = None) -> dict:
+    """Micro-batches stacked `[accum, rows, time]`; on a mesh, put straight from host memory onto their sharding."""
+    if sharding is not None:
+        return {k: jax.device_put(np.stack([b[k] for b in batches]), sharding) for k in batches[0]}
     return {k: jnp.asarray(np.stack([b[k] for b in batches])) for k in batches[0]}
 
 
@@ -78,7 +82,8 @@ class Session:
     """The arrays and the mutable state of a run: `model` (static), `trainable` (what the optimizer updates),
     `frozen` (the base weights of a PEFT method; None for full fine-tuning), the optimizer and its state, the PRNG key,
     the train batch iterator, the step reached and the run's figures so far (`progress`). `ckpt` and `writer` exist
-    once the run has claimed its output_dir (`claim`)."""
+    once the run has claimed its output_dir (`claim`). `placement`: the trees' shardings on a device mesh (None on
+    one device; see `jaxft.train.sharded`)."""
 
     model: StaticModel
     trainable: Any
@@ -94,19 +99,20 @@ class Session:
     progress: dict[str, Any] = dataclasses.field(default_factory=_new_progress)
     ckpt: Checkpointer | None = None
     writer: MetricsWriter | None = None
+    placement: Placement | None = None
     _train_step: Any = None
     _eval_step: Any = None
 
     @property
     def train_step(self):
         if self._train_step is None:
-            self._train_step = make_train_step(self.model, self.optimizer)
+            self._train_step = make_train_step(self.model, self.optimizer, self.placement)
         return self._train_step
 
     @property
     def eval_step(self):
         if self._eval_step is None:
-            self._eval_step = make_eval_step(self.model)
+            self._eval_step = make_eval_step(self.model, self.placement)
         return self._eval_step
 
     def state(self) -> dict:
@@ -120,10 +126,15 @@ class Session:
 
 def build(prep: Prepared) -> Session:
     """Load the weights and build the trainable tree (a fresh adapter, the one of `method.init_from`, or a float32
-    copy of the weights for full fine-tuning), the optimizer and its state."""
+    copy of the weights for full fine-tuning), the optimizer and its state. With more than one device, the mesh of
+    `parallel` is checked against the model and the batch before any weight is read, and the trees are placed on
+    it."""
     cfg, spec = prep.cfg, prep.spec
     options = ModelOptions(dtype=jnp.dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
                            scan_layers=cfg.model.scan_layers)
+    mesh = run_mesh(cfg.parallel)
+    if mesh is not None:
+        check_run(prep.model_config, spec, cfg.parallel, mesh, cfg.train.batch_size)
     t = time.perf_counter()
     config, params = jaxft.load_pretrained(cfg.model.path, dtype=cfg.model.param_dtype)
     init_key, rng = jax.random.split(jax.random.key(cfg.train.seed))
@@ -142,8 +153,14 @@ def build(prep: Prepared) -> Session:
     n_total = count_params(params) + (0 if spec is None else n_trainable)
     print(f"model: {cfg.model.path} loaded, {n_trainable:,} of {n_total:,} parameters trainable "
           f"({time.perf_counter() - t:.0f} s)", flush=True)
-    return Session(StaticModel(config, spec, options), trainable, frozen, optimizer, optimizer.init(trainable), rng,
-                   prep.data.train_batches(cfg.train.batch_size, cfg.train.seed), n_trainable, n_total)
+    opt_state, where = optimizer.init(trainable), None
+    if mesh is not None:
+        where = placement(mesh, cfg.parallel.rules, config, spec, trainable, frozen, opt_state)
+        trainable, frozen, opt_state = place_session_trees(where, trainable, frozen, opt_state)
+        print(f"mesh: {dict(mesh.shape)} over {mesh.size} devices, rules {cfg.parallel.rules}", flush=True)
+    return Session(StaticModel(config, spec, options), trainable, frozen, optimizer, opt_state, rng,
+                   prep.data.train_batches(cfg.train.batch_size, cfg.train.seed), n_trainable, n_total,
+                   placement=where)
 
 
 def _checkpointer(cfg: TrainConfig) -> Checkpointer:
@@ -261,8 +278,9 @@ def train(prep: Prepared, session: Session) -> TrainResult:
             step = session.step
             micro = [next(session.batches) for _ in range(cfg.train.grad_accum)]
             t = time.perf_counter()
-            new_trainable, new_opt, m = session.train_step(session.trainable, session.opt_state, session.frozen,
-                                                           _stack(micro), jax.random.fold_in(session.rng, step))
+            new_trainable, new_opt, m = session.train_step(
+                session.trainable, session.opt_state, session.frozen,
+                _stack(micro, session.placement and session.placement.batch), jax.random.fold_in(session.rng, step))
             loss = float(m["loss"])
             dt = time.perf_counter() - t
             # diverging: the running average of the loss has risen far above its lowest value (by a factor and by

@@ -4,6 +4,11 @@
 `frozen` is the base tree (None for full fine-tuning); it gets no gradient and no optimizer state. The loss of a
 step is the sum of token losses of all its micro-batches divided by their total number of loss tokens (not a mean
 of micro-batch means).
+
+On a device mesh (`placement`, see `jaxft.train.sharded`) the step is jitted with the trees' shardings as its input
+and output shardings, traced under `jax.set_mesh` (so the model's row constraints apply), and the gradients are
+constrained to the trainable tree's shardings (the accumulator of `grad_accum` micro-batches included: it would
+otherwise be replicated, a full copy of the gradients per device).
 """
 
 from __future__ import annotations
@@ -67,11 +72,35 @@ def loss_sum(model: StaticModel, trainable: Any, frozen: Any, batch: dict, *, tr
     return causal_lm_loss(h, head, batch["input_ids"], batch["loss_mask"], batch["segment_ids"], transposed=transposed)
 
 
-def make_train_step(model: StaticModel, optimizer: optax.GradientTransformation):
+class MeshStep:
+    """A jitted step on a mesh: calls and `lower`s it under `jax.set_mesh(mesh)`, after putting each argument on its
+    sharding (a no-op for arrays already there; batches and keys made on one device move to the mesh)."""
+
+    def __init__(self, fn, mesh, in_shardings, out_shardings, donate_argnums=()):
+        self.jitted = jax.jit(fn, in_shardings=in_shardings, out_shardings=out_shardings,
+                              donate_argnums=donate_argnums)
+        self.mesh, self.in_shardings = mesh, in_shardings
+
+    def _put(self, args):
+        return tuple(a if s is None else jax.device_put(a, s) for a, s in zip(args, self.in_shardings))
+
+    def __call__(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted(*self._put(args))
+
+    def lower(self, *args):
+        with jax.set_mesh(self.mesh):
+            return self.jitted.lower(*args)
+
+
+def make_train_step(model: StaticModel, optimizer: optax.GradientTransformation, placement: Any = None):
     """A jitted `step(trainable, opt_state, frozen, batches, rng) -> (trainable, opt_state, metrics)`.
 
-    `batches` holds arrays `[A, B, T]`: A micro-batches accumulated into one update.
+    `batches` holds arrays `[A, B, T]`: A micro-batches accumulated into one update. `placement`
+    (`jaxft.train.sharded.Placement`, or None on one device) puts the step on a mesh.
     """
+    grads_like = (lambda g: g) if placement is None else (
+        lambda g: jax.lax.with_sharding_constraint(g, placement.trainable))
 
     def step(trainable, opt_state, frozen, batches, rng):
         def micro(carry, xs):
@@ -80,10 +109,10 @@ def make_train_step(model: StaticModel, optimizer: optax.GradientTransformation)
             key = jax.random.fold_in(rng, i)
             f = lambda tr: loss_sum(model, tr, frozen, batch, train=True, rng=key)
             (ls, n), grads = jax.value_and_grad(f, has_aux=True)(trainable)
-            return (total_l + ls, total_n + n, jax.tree.map(jnp.add, total_g, grads)), None
+            return (total_l + ls, total_n + n, grads_like(jax.tree.map(jnp.add, total_g, grads_like(grads)))), None
 
         accum = batches["input_ids"].shape[0]
-        init = (jnp.float32(0), jnp.float32(0), jax.tree.map(jnp.zeros_like, trainable))
+        init = (jnp.float32(0), jnp.float32(0), grads_like(jax.tree.map(jnp.zeros_like, trainable)))
         (ls, n, grads), _ = jax.lax.scan(micro, init, (batches, jnp.arange(accum)))
         denom = jnp.maximum(n, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
@@ -93,16 +122,24 @@ def make_train_step(model: StaticModel, optimizer: optax.GradientTransformation)
                    "grad_norm": optax.global_norm(grads)}
         return trainable, opt_state, metrics
 
-    return jax.jit(step, donate_argnums=(0, 1))
+    if placement is None:
+        return jax.jit(step, donate_argnums=(0, 1))
+    p = placement
+    return MeshStep(step, p.mesh, (p.trainable, p.opt_state, p.frozen, p.batch, p.replicated),
+                    (p.trainable, p.opt_state, p.replicated), donate_argnums=(0, 1))
 
 
-def make_eval_step(model: StaticModel):
-    """A jitted `eval(trainable, frozen, batch) -> (loss_sum, n)` without dropout."""
+def make_eval_step(model: StaticModel, placement: Any = None):
+    """A jitted `eval(trainable, frozen, batch) -> (loss_sum, n)` without dropout (on the mesh of `placement`:
+    the batch `[B, T]` rows split when they divide over the data-parallel devices, else replicated)."""
 
     def ev(trainable, frozen, batch):
         return loss_sum(model, trainable, frozen, batch, train=False)
 
-    return jax.jit(ev)
+    if placement is None:
+        return jax.jit(ev)
+    p = placement
+    return MeshStep(ev, p.mesh, (p.trainable, p.frozen, None), p.replicated)
 
 
 def count_params(tree: Any) -> int:
