@@ -1,7 +1,8 @@
 """The trainer's typed config: `python -m jaxft.train CONFIG.yaml [dotted.key=value ...]`.
 
 Sections: `model`, `data` (jaxft.data.DataConfig), `method` (`type:` plus the fields of that method's peft spec),
-`optim` (jaxft.train.optim.OptimConfig), `train`, `eval`, `export`, and `output_dir`. Unknown keys are errors with
+`optim` (jaxft.train.optim.OptimConfig), `train`, `eval`, `export`, `parallel` (jaxft.parallel.ParallelSection:
+the device mesh, the sharding rules, multi-host start-up), and `output_dir`. Unknown keys are errors with
 the closest valid key suggested; every check that can run without weights runs before any compute.
 """
 
@@ -14,6 +15,7 @@ from typing import Any, Literal, Mapping
 
 from jaxft import peft
 from jaxft.data.config import DataConfig, data_config_from_dict
+from jaxft.parallel.config import ParallelSection
 from jaxft.schema import ConfigError, apply_overrides, describe, from_dict, load_yaml, to_dict
 from jaxft.train.optim import OptimConfig
 
@@ -36,8 +38,9 @@ class ModelSection:
 
 @dataclasses.dataclass(frozen=True)
 class LoopSection:
-    """steps: optimizer steps (0 = derive from epochs). batch_size: rows per micro-batch; grad_accum micro-batches
-    make one step, and the loss is normalised by the loss tokens of the whole step. log_every / eval_every /
+    """steps: optimizer steps (0 = derive from epochs). batch_size: rows per micro-batch across all devices (the
+    global batch: each of the data * fsdp data-parallel groups gets batch_size / (data * fsdp) rows, so a run's
+    numbers do not depend on the device count; it must divide by that size); grad_accum micro-batches make one step, and the loss is normalised by the loss tokens of the whole step. log_every / eval_every /
     save_every: in steps (0 = only at the end). keep_last / keep_best: checkpoints kept for resume / by eval loss.
     divergence_factor: stop when the running average of the loss exceeds this multiple of its lowest value (and
     that value by at least one nat) after warm-up; a non-finite loss always stops the run.
@@ -142,6 +145,7 @@ class TrainConfig:
     train: LoopSection = LoopSection()
     eval: EvalSection = EvalSection()
     export: ExportSection = ExportSection()
+    parallel: ParallelSection = ParallelSection()
 
     @property
     def method_type(self) -> str:
