@@ -145,7 +145,7 @@ def _fill_sharded(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dty
     """Like `_fill`, but each leaf becomes an array of its sharding in `shardings` (a tree like the params) built
     by `jax.make_array_from_callback`: each process reads, for each of its devices, only that device's block of
     each tensor (the rows it needs, a slab at a time), so no process holds more than its shards plus one slab.
-    Shards repeated on several local devices (replicated axes) are read once."""
+    A shard repeated on consecutive local devices (a replicated axis) is read once."""
     table, found = _match(config, stored, where)
     by_path: dict[tuple[str, ...], dict[int | None, StoredTensor]] = {}
     for name, t in found.items():
@@ -170,13 +170,19 @@ def _fill_sharded(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dty
         def read(index: tuple[slice, ...], tensors=tensors, shape=shape, transpose=e.transpose,
                  stacked=e.layer is not None, cache=cache) -> np.ndarray:
             key = tuple((s.start, s.stop, s.step) for s in index)
-            if key not in cache:
+            if cache.get("key") != key:  # only the last block is kept: the host holds one shard beyond the arrays
+                cache.clear()
                 if stacked:
-                    layers = range(shape[0])[index[0]]
-                    cache[key] = np.stack([block(tensors[i], index[1:], transpose) for i in layers])
+                    layers, value = range(shape[0])[index[0]], None
+                    for j, i in enumerate(layers):  # filled in place: no second copy of the block
+                        layer = block(tensors[i], index[1:], transpose)
+                        if value is None:
+                            value = np.empty((len(layers), *layer.shape), dtype)
+                        value[j] = layer
                 else:
-                    cache[key] = block(tensors[None], index, transpose)
-            return cache[key]
+                    value = block(tensors[None], index, transpose)
+                cache.update(key=key, value=value)
+            return cache["value"]
 
         leaves[path] = jax.make_array_from_callback(shape, node, read)
         cache.clear()

@@ -432,6 +432,7 @@ def run(cfg: TrainConfig) -> dict[str, Any]:
     t_start = time.perf_counter()
     distributed.initialize(cfg.parallel.distributed)  # multi-host: before anything touches a device
     prep = prepare(cfg)
+    distributed.sync("jaxft-prepared")  # every process judged output_dir before process 0 claims it
     # the data line counts the prompts that will be scored, not all that could be
     scored = len(generation_prompts(prep.data, cfg.eval.generate)) if cfg.eval.generate else 0
     print(dataclasses.replace(prep.data.stats, eval_generation=scored).summary())
