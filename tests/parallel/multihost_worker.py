@@ -4,7 +4,7 @@
 
 SPEC: {"coordinator", "num_processes", "process_id", "timeout_s" (null: single process), "model", "memory_model"
 (null: skip), "ckpt", "out", "mesh": [data, fsdp], "method": "lora"|"full", "steps", "signal_at" (null: none),
-"signal_process"}. It loads the tiny model sharded over the global mesh, trains `steps` steps with jaxft's train step
+"signal_process", "export" (null, or where to write the merged model after the last step)}. It loads the tiny model sharded over the global mesh, trains `steps` steps with jaxft's train step
 on global batches fed per process, checkpoints every step (async Orbax, all processes), resumes from the latest
 checkpoint when there is one, and stops on SIGTERM where `StopSignal.poll` says so. It writes `out`/p<id>.json: the
 step reached, the stop reason, the host memory measurements, the poll cost; process 0 also writes `out`/params.npz.
@@ -173,6 +173,11 @@ def main(spec: dict) -> None:
                 break
     ckpt.close()
     report.update(step=step, stopped=stopped, poll_s=poll_s, wall_s=time.perf_counter() - t0)
+    if spec.get("export") and step == spec["steps"]:
+        # the merged model from the sharded run: every process gathers each tensor, process 0 writes the directory
+        merged = trainable if frozen is None else peft.merge(frozen, model_spec, trainable)
+        jaxft.save_pretrained(config, merged, spec["export"])
+        del merged
     host = jax.tree.map(distributed.host_array, trainable)  # every process takes part in the gathers
     if distributed.is_primary():
         flat = {jax.tree_util.keystr(p): np.asarray(v) for p, v in jax.tree_util.tree_leaves_with_path(host)}
