@@ -243,8 +243,8 @@ def save_pretrained(config: LlamaConfig, params: dict, out_dir: str, tokenizer=N
     """Write an HF model directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
     Composite leaves (LoRA, DoRA, ...) are materialised. In a multi-host run every process calls it (each tensor
-    is gathered across them, one at a time) and process 0 writes the directory. Tensors are written in shards of at most `max_shard_size`
-    with an index when there is more than one. The directory is assembled beside `out_dir` and moved into place, so
+    is gathered across them, one at a time) and process 0 writes the directory. Tensors are written in shards of at
+    most `max_shard_size` with an index when there is more than one. The directory is assembled beside `out_dir` and moved into place, so
     a crash never leaves a half-written model; an existing non-empty `out_dir` is refused unless `overwrite`.
     """
     from safetensors.numpy import save_file

@@ -29,8 +29,8 @@ from jax.experimental import multihost_utils
 
 from jaxft.errors import ConfigError, JaxftError
 
-__all__ = ["DistributedSettings", "agree", "gather_ints", "global_batch", "host_array", "initialize", "is_primary", "put_global",
-           "process_rows", "settings", "sync"]
+__all__ = ["DistributedSettings", "agree", "gather_ints", "global_batch", "host_array", "initialize", "is_primary",
+           "put_global", "process_rows", "settings", "sync"]
 
 DEFAULT_TIMEOUT_S = 300  # jax.distributed's own default (initialization_timeout)
 ENV = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")

@@ -171,8 +171,10 @@ def export_all(cfg, model: StaticModel, trainable, frozen, tokenizer, prepared, 
         host_adapter = jax.tree.map(host_array, trainable)
         with warnings.catch_warnings():  # the serving caveat is said once, in the summary
             warnings.filterwarnings("ignore", message=".*vLLM will not serve")
-            reasons = (peft.save_adapter(model.spec, host_adapter, d, model.config,
-                                         base_model_name_or_path=base_model_id(cfg.model.path)) or []) if primary else []
+            reasons = []
+            if primary:
+                reasons = peft.save_adapter(model.spec, host_adapter, d, model.config,
+                                            base_model_name_or_path=base_model_id(cfg.model.path)) or []
         del host_adapter
         if reasons:
             out["serving"] = "vLLM will not serve this adapter: " + "; ".join(reasons)

@@ -4,8 +4,9 @@
 
 SPEC: {"coordinator", "num_processes", "process_id", "timeout_s" (null: single process), "model", "memory_model"
 (null: skip), "ckpt", "out", "mesh": [data, fsdp], "method": "lora"|"full", "steps", "signal_at" (null: none),
-"signal_process", "export" (null, or where to write the merged model after the last step)}. It loads the tiny model sharded over the global mesh, trains `steps` steps with jaxft's train step
-on global batches fed per process, checkpoints every step (async Orbax, all processes), resumes from the latest
+"signal_process", "export" (null, or where to write the merged model after the last step)}. It loads the tiny
+model sharded over the global mesh, trains `steps` steps with jaxft's train step on global batches fed per process,
+checkpoints every second step and at a stop (async Orbax, all processes), resumes from the latest
 checkpoint when there is one, and stops on SIGTERM where `StopSignal.poll` says so. It writes `out`/p<id>.json: the
 step reached, the stop reason, the host memory measurements, the poll cost; process 0 also writes `out`/params.npz.
 """
@@ -151,7 +152,8 @@ def main(spec: dict) -> None:
             micro = [batches.next_share(share) for _ in range(ACCUM)]
             local = {k: np.stack([m[k] for m in micro]) for k in micro[0]}
             batch = distributed.global_batch(local, batch_sharding, global_shape)
-            trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch, jax.random.fold_in(rng, step))
+            key = jax.random.fold_in(rng, step)
+            trainable, opt_state, metrics = train_step(trainable, opt_state, frozen, batch, key)
             float(metrics["loss"])
             step += 1
             if spec.get("signal_at") == step and jax.process_index() == spec.get("signal_process", 0):
