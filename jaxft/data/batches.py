@@ -66,6 +66,13 @@ class Batches:
         return self
 
     def __next__(self) -> dict[str, np.ndarray]:
+        return self.next_share(slice(None))
+
+    def next_share(self, share: slice) -> dict[str, np.ndarray]:
+        """This process's rows `share` of the next global batch (all of them: `next`). Every process advances the
+        same global position, so the state is the same everywhere and a resume under another process count or
+        mesh sees the same global batches; only the rows of `share` are built (a multi-host process feeds its
+        devices' rows to `jax.make_array_from_process_local_data`)."""
         picked: list[tuple[int, ...]] = []
         while len(picked) < self.batch_size:
             if self.position == self.num_rows:
@@ -74,7 +81,7 @@ class Batches:
             take = min(self.batch_size - len(picked), self.num_rows - self.position)
             picked += [self.rows[r] for r in self._order[self.position : self.position + take]]
             self.position += take
-        return build_rows(self.examples, picked, self.seq_len, self.pad_id)
+        return build_rows(self.examples, picked[share], self.seq_len, self.pad_id)
 
 
 def eval_batches(examples: Sequence, rows: Sequence[tuple[int, ...]], batch_size: int, seq_len: int, pad_id: int) -> Iterator[dict[str, np.ndarray]]:

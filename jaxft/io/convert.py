@@ -15,6 +15,7 @@ import numpy as np
 from jaxft.models.config import LlamaConfig
 from jaxft.models.params import ParamSpec, is_spec, param_specs, path_str
 from jaxft.ops.linear import materialize
+from jaxft.parallel.distributed import host_array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,17 +55,19 @@ def tensor_table(config: LlamaConfig) -> list[TensorEntry]:
 
 def iter_hf_tensors(config: LlamaConfig, params: dict, dtype=None) -> Iterator[tuple[str, np.ndarray]]:
     """Yield `(hf_name, numpy array in HF layout)` one tensor at a time (for export). Composite leaves are
-    materialised once per leaf; `dtype` casts (default: the leaf's dtype)."""
+    materialised once per leaf, on the devices; each HF tensor (one layer of a stacked leaf) comes to host memory
+    alone, gathered across processes when its leaf is sharded over several (then every process must iterate, in
+    the same order). `dtype` casts (default: the leaf's dtype)."""
     current_path, current = None, None
     for e in tensor_table(config):
         if e.path != current_path:
             leaf = params
             for k in e.path:
                 leaf = leaf[k]
-            current_path, current = e.path, np.asarray(materialize(leaf))
-            if dtype is not None:
-                current = current.astype(dtype)
-        value = current if e.layer is None else current[e.layer]
+            current_path, current = e.path, materialize(leaf)
+        value = host_array(current if e.layer is None else current[e.layer])
+        if dtype is not None:
+            value = value.astype(dtype)
         if tuple(value.shape) != tuple(reversed(e.hf_shape)) and e.transpose or (
                 not e.transpose and tuple(value.shape) != e.hf_shape):
             raise ValueError(f"{e.hf_name}: parameter has shape {value.shape}, the config expects "

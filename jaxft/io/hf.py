@@ -25,6 +25,7 @@ from jaxft.io.files import read_json
 from jaxft.io.gguf import config_from_gguf, gguf_model, open_gguf
 from jaxft.io.stored import StoredTensor, safetensors_tensors
 from jaxft.models.config import LlamaConfig, from_hf, to_hf
+from jaxft.parallel.distributed import agree
 
 _BENIGN_EXTRA = ("rotary_emb.inv_freq",)
 _DTYPES = {"float32": np.float32, "fp32": np.float32, "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16,
@@ -84,9 +85,9 @@ def _host_buffer(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np
     return raw[start:start + n].view(dtype).reshape(shape)
 
 
-def _fill(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dtype, where: str) -> dict:
-    """Check every name and shape against the config, then copy the tensors slab by slab into preallocated leaves
-    of the target dtype; return the jax tree (the host buffers become the arrays without a copy on CPU)."""
+def _match(config: LlamaConfig, stored: list[StoredTensor], where: str) -> tuple[dict, dict[str, StoredTensor]]:
+    """Check every name and shape against the config before any data is read; returns the name table and the
+    stored tensor of each name."""
     table = {e.hf_name: e for e in tensor_table(config)}
     found: dict[str, StoredTensor] = {}
     for t in stored:
@@ -103,24 +104,89 @@ def _fill(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dtype, wher
         more = f" and {len(missing) - 3} more" if len(missing) > 3 else ""
         raise FileFormatError(f"{where}: missing tensors {', '.join(missing[:3])}{more}; the file is incomplete or "
                          "does not match its config")
+    return table, found
+
+
+def _leaf_shape(config: LlamaConfig, e: TensorEntry) -> tuple[int, ...]:
+    shape = tuple(reversed(e.hf_shape)) if e.transpose else e.hf_shape
+    return (config.num_hidden_layers, *shape) if e.layer is not None else shape
+
+
+def _tree(leaves: dict[tuple[str, ...], Any]) -> dict:
+    params: dict[str, Any] = {}
+    for path, leaf in leaves.items():
+        node = params
+        for k in path[:-1]:
+            node = node.setdefault(k, {})
+        node[path[-1]] = leaf
+    return params
+
+
+def _fill(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dtype, where: str) -> dict:
+    """Check every name and shape against the config, then copy the tensors slab by slab into preallocated leaves
+    of the target dtype; return the jax tree (the host buffers become the arrays without a copy on CPU)."""
+    table, found = _match(config, stored, where)
     buffers: dict[tuple[str, ...], np.ndarray] = {}
     for e in table.values():
         if e.path not in buffers:
-            shape = tuple(reversed(e.hf_shape)) if e.transpose else e.hf_shape
-            if e.layer is not None:
-                shape = (config.num_hidden_layers, *shape)
-            buffers[e.path] = _host_buffer(shape, dtype)
+            buffers[e.path] = _host_buffer(_leaf_shape(config, e), dtype)
     for name, t in found.items():
         e = table[name]
         dst = buffers[e.path] if e.layer is None else buffers[e.path][e.layer]
         t.copy_into(dst.T if e.transpose else dst)
-    params: dict[str, Any] = {}
+    leaves = {}
     for path in list(buffers):
-        node = params
-        for k in path[:-1]:
-            node = node.setdefault(k, {})
-        node[path[-1]] = jax.device_put(buffers.pop(path), may_alias=True)  # CPU: adopts the buffer
-    return params
+        leaves[path] = jax.device_put(buffers.pop(path), may_alias=True)  # CPU: adopts the buffer
+    return _tree(leaves)
+
+
+def _fill_sharded(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dtype, where: str,
+                  shardings: Any) -> dict:
+    """Like `_fill`, but each leaf becomes an array of its sharding in `shardings` (a tree like the params) built
+    by `jax.make_array_from_callback`: each process reads, for each of its devices, only that device's block of
+    each tensor (the rows it needs, a slab at a time), so no process holds more than its shards plus one slab.
+    A shard repeated on consecutive local devices (a replicated axis) is read once."""
+    table, found = _match(config, stored, where)
+    by_path: dict[tuple[str, ...], dict[int | None, StoredTensor]] = {}
+    for name, t in found.items():
+        by_path.setdefault(table[name].path, {})[table[name].layer] = t
+    entries = {e.path: e for e in table.values()}
+    leaves = {}
+    for path, e in entries.items():
+        node = shardings
+        try:
+            for k in path:
+                node = node[k]
+        except (KeyError, TypeError):
+            raise ConfigError(f"{where}: the shardings tree has no entry for '{'.'.join(path)}'; build it from "
+                              "this model's parameter specs") from None
+        tensors, shape, cache = by_path[path], _leaf_shape(config, e), {}
+
+        def block(t: StoredTensor, index: tuple[slice, ...], transpose: bool) -> np.ndarray:
+            if transpose:  # jaxft [in, out] is HF [out, in] transposed
+                return t.block(tuple(reversed(index)), dtype).T
+            return t.block(index, dtype)
+
+        def read(index: tuple[slice, ...], tensors=tensors, shape=shape, transpose=e.transpose,
+                 stacked=e.layer is not None, cache=cache) -> np.ndarray:
+            key = tuple((s.start, s.stop, s.step) for s in index)
+            if cache.get("key") != key:  # only the last block is kept: the host holds one shard beyond the arrays
+                cache.clear()
+                if stacked:
+                    layers, value = range(shape[0])[index[0]], None
+                    for j, i in enumerate(layers):  # filled in place: no second copy of the block
+                        layer = block(tensors[i], index[1:], transpose)
+                        if value is None:
+                            value = np.empty((len(layers), *layer.shape), dtype)
+                        value[j] = layer
+                else:
+                    value = block(tensors[None], index, transpose)
+                cache.update(key=key, value=value)
+            return cache["value"]
+
+        leaves[path] = jax.make_array_from_callback(shape, node, read)
+        cache.clear()
+    return _tree(leaves)
 
 
 def load_config(path: str) -> LlamaConfig:
@@ -140,10 +206,12 @@ def _bad_path(path: str) -> JaxftError:
     return FileFormatError(f"{path}: not an HF model directory, a .gguf file or 'smollm2-135m-instruct'")
 
 
-def load_pretrained(path: str, dtype="float32") -> tuple[LlamaConfig, dict]:
+def load_pretrained(path: str, dtype="float32", shardings: Any = None) -> tuple[LlamaConfig, dict]:
     """Load `(config, params)` from an HF directory (safetensors), a `.gguf` file, or `smollm2-135m-instruct`.
 
     `dtype` is the parameter dtype (float32, bfloat16, float16). Tensors are streamed one at a time.
+    `shardings`: a tree like the params of `jax.sharding.Sharding`s (e.g. over a multi-host mesh): each leaf is
+    then built from the blocks this process's devices hold, read straight from the file (see `_fill_sharded`).
     """
     np_dtype = _np_dtype(dtype)
     path = resolve_model_path(path)
@@ -154,6 +222,8 @@ def load_pretrained(path: str, dtype="float32") -> tuple[LlamaConfig, dict]:
         config, stored = gguf_model(path)
     else:
         raise _bad_path(path)
+    if shardings is not None:
+        return config, _fill_sharded(config, stored, np_dtype, path, shardings)
     return config, _fill(config, stored, np_dtype, path)
 
 
@@ -172,15 +242,22 @@ def save_pretrained(config: LlamaConfig, params: dict, out_dir: str, tokenizer=N
                     max_shard_size: int | str = "2GB", overwrite: bool = False) -> str:
     """Write an HF model directory that `transformers.AutoModelForCausalLM.from_pretrained` loads.
 
-    Composite leaves (LoRA, DoRA, ...) are materialised. Tensors are written in shards of at most `max_shard_size`
-    with an index when there is more than one. The directory is assembled beside `out_dir` and moved into place, so
+    Composite leaves (LoRA, DoRA, ...) are materialised. In a multi-host run every process calls it (each tensor
+    is gathered across them, one at a time) and process 0 writes the directory. Tensors are written in shards of at
+    most `max_shard_size` with an index when there is more than one. The directory is assembled beside `out_dir` and moved into place, so
     a crash never leaves a half-written model; an existing non-empty `out_dir` is refused unless `overwrite`.
     """
     from safetensors.numpy import save_file
 
-    if os.path.exists(out_dir) and os.listdir(out_dir) and not overwrite:
+    # a multi-host run: every process gathers each tensor (a collective), process 0 alone writes
+    primary = jax.process_index() == 0
+    if agree(os.path.exists(out_dir) and bool(os.listdir(out_dir)) and not overwrite):
         raise OutputExistsError(f"{out_dir}: exists and is not empty; choose another directory or pass overwrite=True")
     np_dtype = _np_dtype(dtype) if dtype is not None else None
+    if not primary:
+        for _ in iter_hf_tensors(config, params, np_dtype):
+            pass
+        return out_dir
     parent = os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=".jaxft-save-", dir=parent)

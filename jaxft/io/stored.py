@@ -50,25 +50,50 @@ class StoredTensor:
 
     def slabs(self, slab_bytes: int = SLAB_BYTES) -> Iterator[tuple[int, np.ndarray]]:
         """`(first_row, float rows)` covering the tensor in order, each about `slab_bytes` as float32."""
-        row_bytes = self.nbytes // self.rows
-        row_elems = math.prod(self.shape[1:])
-        step = max(1, slab_bytes // max(1, 4 * row_elems))
-        with open(self.path, "rb") as f:
-            for r0 in range(0, self.rows, step):
-                n = min(step, self.rows - r0)
-                raw = np.empty((n, row_bytes), np.uint8)
-                f.seek(self.offset + r0 * row_bytes)
-                if f.readinto(raw) != raw.nbytes:
-                    raise FileFormatError(f"{self.path}: tensor '{self.name}' ends past the end of the file "
-                                     "(truncated or corrupt)")
-                rows = self.decode(raw)
-                yield r0, rows.reshape((n, *self.shape[1:])) if self.shape else rows.reshape(())
+        for r0, rows in self._slabs_between(0, self.rows, slab_bytes):
+            yield r0, rows if self.shape else rows.reshape(())
 
     def array(self) -> np.ndarray:
         """The whole tensor as a float32 array in HF layout (row order restored)."""
         out = np.empty(self.shape, np.float32)
         self.copy_into(out)
         return out
+
+    def block(self, index: tuple[slice, ...], dtype, slab_bytes: int = SLAB_BYTES) -> np.ndarray:
+        """`tensor[index]` in HF layout and `dtype`, reading only the rows `index[0]` selects, a slab at a time (all
+        rows when the stored order differs from HF's, keeping the selected ones): the loader of one device's shard
+        holds that shard plus one slab, never the whole tensor."""
+        index = tuple(index) + (slice(None),) * (len(self.shape) - len(index))
+        if not self.shape:
+            return np.asarray(next(self.slabs())[1], dtype)
+        rows = range(self.rows)[index[0]]
+        out = np.empty((len(rows), *(len(range(d)[i]) for d, i in zip(self.shape[1:], index[1:]))), dtype)
+        if not len(rows):
+            return out
+        lo, hi = rows.start, rows.stop
+        if self.row_order is not None:  # stored row i holds HF row row_order[i]: scan all, keep the wanted ones
+            for r0, slab in self.slabs(slab_bytes):
+                hf_rows = np.asarray(self.row_order[r0:r0 + len(slab)])
+                keep = (hf_rows >= lo) & (hf_rows < hi)
+                if keep.any():
+                    out[hf_rows[keep] - lo] = slab[keep][(slice(None), *index[1:])]
+            return out
+        for r0, slab in self._slabs_between(lo, hi, slab_bytes):
+            out[r0 - lo:r0 - lo + len(slab)] = slab[(slice(None), *index[1:])]
+        return out
+
+    def _slabs_between(self, lo: int, hi: int, slab_bytes: int) -> Iterator[tuple[int, np.ndarray]]:
+        row_bytes = self.nbytes // self.rows
+        step = max(1, slab_bytes // max(1, 4 * math.prod(self.shape[1:])))
+        with open(self.path, "rb") as f:
+            for r0 in range(lo, hi, step):
+                n = min(step, hi - r0)
+                raw = np.empty((n, row_bytes), np.uint8)
+                f.seek(self.offset + r0 * row_bytes)
+                if f.readinto(raw) != raw.nbytes:
+                    raise FileFormatError(f"{self.path}: tensor '{self.name}' ends past the end of the file "
+                                          "(truncated or corrupt)")
+                yield r0, self.decode(raw).reshape((n, *self.shape[1:]))
 
     def _dest(self, r0: int, n: int):
         return slice(r0, r0 + n) if self.row_order is None else self.row_order[r0:r0 + n]

@@ -12,6 +12,10 @@ best, so a new checkpoint worse than those is deleted as soon as it is written a
 with orbax-checkpoint 0.12.8: max_to_keep=2, losses 1, 2, 3 keep steps 1 and 2). The or-ed policy keeps the resume
 point and the best ones with one write per save, where two managers would write every best checkpoint twice.
 
+Multi-host: every process calls `save` and `restore` with its global arrays; Orbax writes each process's shards and
+the JSON item from process 0. A checkpoint restores into any target sharding (another mesh, another process count):
+the target's shardings decide what each process reads.
+
 A step folder appears under its final name only once all of it is on disk (Orbax writes into
 `<step>.orbax-checkpoint-tmp*` and renames it), so a process killed mid-write leaves at most a temporary folder, which
 the next `Checkpointer` on that directory deletes and never lists.
@@ -63,10 +67,11 @@ def _path_name(path: tuple) -> str:
 
 
 def _abstract(leaf: Any) -> jax.ShapeDtypeStruct:
-    """The restore target of one leaf: its shape and dtype, with its sharding (one device when it has none)."""
+    """The restore target of one leaf: its shape and dtype, with its sharding (when it has none: one device of this
+    process; `jax.devices()[0]` belongs to process 0 in a multi-host run)."""
     sharding = getattr(leaf, "sharding", None)
     if sharding is None:
-        sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
     if isinstance(leaf, jax.ShapeDtypeStruct):
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
     if not hasattr(leaf, "dtype"):

@@ -14,6 +14,7 @@ import time
 import warnings
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -21,6 +22,7 @@ import jaxft
 from jaxft import peft
 from jaxft.io.default import base_model_id, weights_provenance
 from jaxft.io.files import sha256
+from jaxft.parallel.distributed import host_array, is_primary
 from jaxft.schema import to_dict
 from jaxft.train.step import StaticModel
 from jaxft.train.verify import plan_verify, probe_logits, verify_adapter, verify_available, verify_merged
@@ -125,8 +127,12 @@ def export_all(cfg, model: StaticModel, trainable, frozen, tokenizer, prepared, 
     else its first layers (export.verify_layers forces the number); the summary's `... verify (checked)` entry and
     the model card say which. An export whose max relative logit error exceeds `verify_tolerance(cfg)` is named in
     the returned `"export failed"` entry (the run then fails).
+
+    Multi-host: every process calls it (tensors are gathered one at a time, the jaxft side of each check is a
+    sharded forward); process 0 alone writes the directories and runs the transformers / peft checks.
     """
     kinds = requested_exports(cfg, model.spec) if kinds is None else kinds
+    primary = is_primary()  # multi-host: all processes gather and compute, process 0 writes and checks
     out: dict[str, Any] = {}
     want_verify = cfg.export.verify == "on" or (cfg.export.verify == "auto" and verify_available())
     if cfg.export.verify == "on" and not verify_available():
@@ -161,10 +167,15 @@ def export_all(cfg, model: StaticModel, trainable, frozen, tokenizer, prepared, 
         d = os.path.join(cfg.output_dir, "adapter")
         t = time.perf_counter()
         print(f"export: writing the adapter to {d}", flush=True)
+        # a sharded adapter comes to host memory a leaf at a time (all processes take part), process 0 writes it
+        host_adapter = jax.tree.map(host_array, trainable)
         with warnings.catch_warnings():  # the serving caveat is said once, in the summary
             warnings.filterwarnings("ignore", message=".*vLLM will not serve")
-            reasons = peft.save_adapter(model.spec, trainable, d, model.config,
-                                        base_model_name_or_path=base_model_id(cfg.model.path)) or []
+            reasons = []
+            if primary:
+                reasons = peft.save_adapter(model.spec, host_adapter, d, model.config,
+                                            base_model_name_or_path=base_model_id(cfg.model.path)) or []
+        del host_adapter
         if reasons:
             out["serving"] = "vLLM will not serve this adapter: " + "; ".join(reasons)
         notes += list(reasons)
@@ -174,11 +185,15 @@ def export_all(cfg, model: StaticModel, trainable, frozen, tokenizer, prepared, 
         elif want_verify:
             plan = plan_verify(model.config, adapter=trainable, forced=cfg.export.verify_layers)
             print(f"export check, adapter: peft reloads it on {plan.describe()}", flush=True)
-            with _quiet():
-                err = verify_adapter(cfg.model.path, d, logits(plan.layers_arg), ids, layers=plan.layers_arg)
-            check = f"peft PeftModel.from_pretrained logits vs jaxft on {plan.describe()}: {judge('adapter', err, plan)}"
-        with open(os.path.join(d, "README.md"), "w") as f:
-            f.write(model_card(cfg, "Adapter", card_metrics, check, notes))
+            jaxft_logits = logits(plan.layers_arg)  # every process: the forward is a collective
+            if primary:
+                with _quiet():
+                    err = verify_adapter(cfg.model.path, d, jaxft_logits, ids, layers=plan.layers_arg)
+                check = (f"peft PeftModel.from_pretrained logits vs jaxft on {plan.describe()}: "
+                         f"{judge('adapter', err, plan)}")
+        if primary:
+            with open(os.path.join(d, "README.md"), "w") as f:
+                f.write(model_card(cfg, "Adapter", card_metrics, check, notes))
         out["adapter"] = d
         out["adapter export (s)"] = time.perf_counter() - t
     if "merged" in kinds:
@@ -192,12 +207,15 @@ def export_all(cfg, model: StaticModel, trainable, frozen, tokenizer, prepared, 
         if want_verify:
             plan = plan_verify(model.config, forced=cfg.export.verify_layers)
             print(f"export check, merged: transformers reloads it on {plan.describe()}", flush=True)
-            with _quiet():
-                err = verify_merged(d, logits(plan.layers_arg), ids, layers=plan.layers_arg)
-            check = (f"transformers AutoModelForCausalLM logits vs jaxft on {plan.describe()}: "
-                     f"{judge('merged', err, plan)}")
-        with open(os.path.join(d, "README.md"), "w") as f:
-            f.write(model_card(cfg, "Model", card_metrics, check, notes))
+            jaxft_logits = logits(plan.layers_arg)  # every process: the forward is a collective
+            if primary:
+                with _quiet():
+                    err = verify_merged(d, jaxft_logits, ids, layers=plan.layers_arg)
+                check = (f"transformers AutoModelForCausalLM logits vs jaxft on {plan.describe()}: "
+                         f"{judge('merged', err, plan)}")
+        if primary:
+            with open(os.path.join(d, "README.md"), "w") as f:
+                f.write(model_card(cfg, "Model", card_metrics, check, notes))
         out["merged"] = d
         out["merged export (s)"] = time.perf_counter() - t
     elif cfg.export.merged:

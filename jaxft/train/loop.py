@@ -34,6 +34,7 @@ import jaxft
 from jaxft import peft
 from jaxft.data import Batches
 from jaxft.models.llama import ModelOptions
+from jaxft.parallel import distributed
 from jaxft.train.checkpoint import Checkpointer
 from jaxft.train.config import TrainConfig
 from jaxft.train.scoring import eval_loss, exact_match, generation_prompts
@@ -120,8 +121,13 @@ class Session:
         return {"trainable": self.trainable, "opt_state": self.opt_state, "rng": self.rng}
 
     def extra(self) -> dict:
-        """The checkpointed JSON beside it: the step, the data position, the run's figures."""
-        return {"step": self.step, "data": self.batches.state(), "progress": self.progress}
+        """The checkpointed JSON beside it: the step, the data position, the run's figures. Multi-host: each
+        process's position too (gathered: Orbax writes this JSON from process 0; every process must call it)."""
+        out = {"step": self.step, "data": self.batches.state(), "progress": self.progress}
+        if jax.process_count() > 1:
+            got = distributed.gather_ints([self.batches.epoch, self.batches.position])
+            out["data_by_process"] = [{"epoch": int(e), "position": int(p)} for e, p in got]
+        return out
 
 
 def build(prep: Prepared) -> Session:
@@ -192,13 +198,14 @@ def claim(prep: Prepared, session: Session) -> None:
     back to the restored step on a resume)."""
     cfg = prep.cfg
     os.makedirs(cfg.output_dir, exist_ok=True)
-    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
-        yaml.safe_dump(saved_config(cfg), f, sort_keys=False)
-    run_info = {"seed": cfg.train.seed, "trainable_parameters": session.trainable_parameters,
-                "total_parameters": session.total_parameters, "total_steps": prep.total_steps,
-                "versions": _versions()}
-    with open(os.path.join(cfg.output_dir, "run.json"), "w") as f:
-        json.dump(run_info, f, indent=2)
+    if distributed.is_primary():  # multi-host: process 0 writes what a run writes once
+        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(saved_config(cfg), f, sort_keys=False)
+        run_info = {"seed": cfg.train.seed, "trainable_parameters": session.trainable_parameters,
+                    "total_parameters": session.total_parameters, "total_steps": prep.total_steps,
+                    "processes": jax.process_count(), "versions": _versions()}
+        with open(os.path.join(cfg.output_dir, "run.json"), "w") as f:
+            json.dump(run_info, f, indent=2)
     if session.ckpt is None:
         session.ckpt = _checkpointer(cfg)
     if session.writer is None:
@@ -328,7 +335,7 @@ def train(prep: Prepared, session: Session) -> TrainResult:
                 ckpt.save(step, session.state(), extra=session.extra(), metrics=metrics)
             if stop_reason != "completed":
                 break
-            if stop.requested:
+            if stop.poll(step):  # agreed by all processes, so that all stop after this step
                 stop_reason = f"{stop.signal_name} received: checkpoint saved at step {step}"
                 break
     bar.close()
@@ -395,6 +402,8 @@ def _summary(prep: Prepared, session: Session, result: TrainResult, final: dict[
 
 
 def _write_summary(cfg: TrainConfig, summary: dict[str, Any]) -> None:
+    if not distributed.is_primary():
+        return
     with open(os.path.join(cfg.output_dir, SUMMARY), "w") as f:
         json.dump(summary, f, indent=2)
 
@@ -428,8 +437,9 @@ def _export_missing(prep: Prepared, summary: dict[str, Any]) -> dict[str, Any]:
     session.ckpt.close()
     if "export failed" in summary:
         summary["stopped"] = f"export check failed: {summary['export failed']}"
-    with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:  # the export section now written
-        yaml.safe_dump(saved_config(cfg), f, sort_keys=False)
+    if distributed.is_primary():  # the export section now written
+        with open(os.path.join(cfg.output_dir, "config.yaml"), "w") as f:
+            yaml.safe_dump(saved_config(cfg), f, sort_keys=False)
     _write_summary(cfg, summary)
     print(format_summary(summary))
     return summary
@@ -438,7 +448,9 @@ def _export_missing(prep: Prepared, summary: dict[str, Any]) -> dict[str, Any]:
 def run(cfg: TrainConfig) -> dict[str, Any]:
     """Train per `cfg`; returns the summary dict (also written to `<output_dir>/summary.json`)."""
     t_start = time.perf_counter()
+    distributed.initialize(cfg.parallel.distributed)  # multi-host: before anything touches a device
     prep = prepare(cfg)
+    distributed.sync("jaxft-prepared")  # every process judged output_dir before process 0 claims it
     # the data line counts the prompts that will be scored, not all that could be
     scored = len(generation_prompts(prep.data, cfg.eval.generate)) if cfg.eval.generate else 0
     print(dataclasses.replace(prep.data.stats, eval_generation=scored).summary())

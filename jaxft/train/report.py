@@ -11,6 +11,8 @@ from typing import Any, Sequence
 from matplotlib.figure import Figure
 from tensorboardX import SummaryWriter
 
+from jaxft.parallel.distributed import is_primary
+
 
 class MetricsWriter:
     """`metrics.jsonl` (the record) plus the trackers of `report_to` ("tensorboard": events under `<run>/tb`).
@@ -19,11 +21,16 @@ class MetricsWriter:
     its last checkpoint, which the resumed run takes again) are cut from `metrics.jsonl`, TensorBoard is told to drop
     its events from step `resume_step + 1` on (`purge_step`), and a `{"kind": "resume"}` row marks the point.
     None: the run starts at step 0 (the log of an interrupted run that never checkpointed starts over).
+    In a multi-host run only process 0 writes (`enabled` is False elsewhere, and every method does nothing there).
     """
 
     def __init__(self, run_dir: str, *, report_to: Sequence[str] = ("tensorboard",), resume_step: int | None = None,
                  config: dict | None = None):
         self.path = os.path.join(run_dir, "metrics.jsonl")
+        self.enabled = is_primary()
+        self._tb, self._wandb, self._wandb_step = None, None, 0
+        if not self.enabled:
+            return
         had_log = os.path.exists(self.path)
         if resume_step is not None:
             kept = [r for r in read_metrics(run_dir) if r["step"] <= resume_step]
@@ -41,6 +48,8 @@ class MetricsWriter:
             self._wandb = _wandb_run(run_dir, config, resume_step)
 
     def write(self, step: int, kind: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
         row = {"step": step, "kind": kind, **{k: float(v) for k, v in values.items()}}
         with open(self.path, "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -94,7 +103,10 @@ def read_metrics(run_dir: str) -> list[dict[str, Any]]:
 
 def plot_curves(run_dir: str) -> str | None:
     """`<run>/curves.png`: training and eval loss on a log axis (a fine-tuning loss falls by orders of magnitude),
-    the learning rate on a second axis, exact match (%) where measured, and dashed lines where a run resumed."""
+    the learning rate on a second axis, exact match (%) where measured, and dashed lines where a run resumed.
+    Drawn by process 0 only (None elsewhere)."""
+    if not is_primary():
+        return None
     rows = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in rows if r["kind"] == "train" and r.get("loss", 0) > 0]
     lr = [(r["step"], r["lr"]) for r in rows if r["kind"] == "train" and "lr" in r]

@@ -7,6 +7,10 @@
                 ckpt.save(step, state, extra=...)
                 break
 
+In a multi-host run every process must stop at the same step, or the others wait forever in the next collective:
+`poll(step)` ors the flag over all processes (one all-gather of a few bytes every `every` steps) and returns the
+agreed answer, so a signal that reached one process stops all of them after the same step.
+
 SIGTERM (a scheduler's preemption notice) and the first Ctrl-C only set `stop.requested`. A second Ctrl-C does what
 Ctrl-C did before (`KeyboardInterrupt` by default), for a person who wants out now. Further SIGTERMs are ignored while
 the stop is under way: launchers often forward one SIGTERM to every process of a group, and dying on the second one
@@ -19,6 +23,10 @@ import signal
 import threading
 from types import FrameType
 
+import jax
+
+from jaxft.parallel.distributed import gather_ints
+
 
 class StopSignal:
     """Context manager turning SIGTERM and SIGINT into a polled flag, `requested`.
@@ -27,10 +35,14 @@ class StopSignal:
     Install it from the main thread (Python delivers signals there only).
     """
 
-    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT)):
+    def __init__(self, signals: tuple[signal.Signals, ...] = (signal.SIGTERM, signal.SIGINT), every: int = 1):
+        if every < 1:
+            raise ValueError(f"StopSignal: every={every} must be >= 1")
         self.signals = tuple(signal.Signals(s) for s in signals)
+        self.every = every
         self.requested = False
         self.signal_name: str | None = None
+        self._signum = 0
         self._previous: dict[signal.Signals, object] = {}
 
     def _handle(self, signum: int, frame: FrameType | None) -> None:
@@ -46,6 +58,21 @@ class StopSignal:
         if not self.requested:
             self.requested = True
             self.signal_name = signal.Signals(signum).name
+            self._signum = signum
+
+    def poll(self, step: int) -> bool:
+        """True when a stop was requested on this process or, in a multi-host run, on any process; every process
+        must call it after every step. With several processes they compare flags after the steps that are
+        multiples of `every` (and only then stop); `signal_name` becomes the signal another process received."""
+        if jax.process_count() == 1:
+            return self.requested
+        if step % self.every:
+            return False
+        got = gather_ints([int(self._signum)])
+        if got.max() > 0:
+            self.requested = True
+            self.signal_name = self.signal_name or signal.Signals(int(got.max())).name
+        return self.requested
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is not threading.main_thread():

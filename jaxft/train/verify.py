@@ -38,6 +38,7 @@ from jaxft.models.config import LlamaConfig, to_hf
 from jaxft.models.llama import head_weight
 from jaxft.models.params import layer_specs, param_specs
 from jaxft.ops.linear import linear
+from jaxft.parallel.distributed import host_array
 from jaxft.train.step import StaticModel, count_params, final_hidden
 
 _LAYER = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -175,7 +176,7 @@ def probe_logits(model: StaticModel, trainable: Any, frozen: Any, ids: np.ndarra
     batch = {"input_ids": jnp.asarray(ids, jnp.int32), "segment_ids": jnp.ones(ids.shape, jnp.int32),
              "positions": jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape).astype(jnp.int32)}
     h, bound = final_hidden(model, trainable, frozen, batch)
-    return np.asarray(linear(h, head_weight(model.config, bound)).astype(jnp.float32))
+    return host_array(linear(h, head_weight(model.config, bound)).astype(jnp.float32))  # every process calls it
 
 
 def _keep(name: str, k: int) -> bool:
