@@ -23,7 +23,7 @@ from jaxft.models.config import LlamaConfig
 from jaxft.models.params import abstract_params
 from jaxft.peft.targets import iter_instances, plan
 from jaxft.schema import ConfigError, to_dict
-from jaxft.train.config import TrainConfig, method_name, method_spec, resolved_dict
+from jaxft.train.config import TrainConfig, method_name, method_spec, parse_config, resolved_dict
 from jaxft.train.optim import warmup_steps
 from jaxft.train.sharded import check_run, run_mesh
 from jaxft.train.step import adds_inputs
@@ -104,6 +104,10 @@ def check_output_dir(cfg: TrainConfig) -> bool:
                           "output_dir (nothing there is overwritten)")
     with open(saved) as f:
         before = yaml.safe_load(f)
+    try:  # a run saved by an older jaxft lacks the keys added since; they held their defaults
+        before = saved_config(parse_config(before, saved))
+    except ConfigError:  # keys since removed: compare as written
+        pass
     now = saved_config(cfg)
     for d in (before, now):
         for key in _REEXPORTABLE:

@@ -4,10 +4,13 @@ import glob
 import subprocess
 import sys
 
+import yaml
+
 import pytest
 
 from jaxft.schema import ConfigError
 from jaxft.train.config import load_config
+from jaxft.train.preflight import check_output_dir, saved_config
 from optional_import import needs_gguf_tokenizer
 
 
@@ -39,8 +42,9 @@ def test_overrides_apply():
 
 
 @needs_gguf_tokenizer  # --check reads the embedded model's tokenizer
-def test_cli_check_and_help():
-    ok = subprocess.run([sys.executable, "-m", "jaxft.train", "configs/quickstart.yaml", "--check"],
+def test_cli_check_and_help(tmp_path):
+    ok = subprocess.run([sys.executable, "-m", "jaxft.train", "configs/quickstart.yaml", f"output_dir={tmp_path}/run",
+                         "--check"],
                         capture_output=True, text=True)
     assert ok.returncode == 0 and "valid" in ok.stdout
     bad = subprocess.run([sys.executable, "-m", "jaxft.train", "configs/quickstart.yaml", "train.grad_accum=0"],
@@ -48,3 +52,17 @@ def test_cli_check_and_help():
     assert bad.returncode == 2 and bad.stderr.strip().count("\n") == 0 and "grad_accum" in bad.stderr
     helped = subprocess.run([sys.executable, "-m", "jaxft.train", "--help"], capture_output=True, text=True)
     assert helped.returncode == 0 and "dotted.key=value" in helped.stdout
+
+
+def test_run_saved_before_new_keys_is_the_same_run(tmp_path):
+    """A run directory written before a config section existed (here `parallel`) resumes: the missing keys held
+    their defaults then; a real difference is still refused."""
+    cfg = load_config("configs/quickstart.yaml", [f"output_dir={tmp_path}"])
+    old = saved_config(cfg)
+    del old["parallel"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert check_output_dir(cfg) is True
+    old["optim"]["lr"] = 1.0
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match="optim.lr"):
+        check_output_dir(cfg)
