@@ -9,9 +9,9 @@ what the parameters, optimizer state, gradients and activations take, whether it
 
 from jaxft.plan.abstract import AbstractRun, abstract_run, shard_bytes
 from jaxft.plan.memory import Estimate, MemoryPlan, compile_step, parse_bytes, plan_memory, rule_of_thumb
-from jaxft.plan.planner import Report, check_fits, format_report, plan_config
+from jaxft.plan.planner import Report, check_fits, format_report, plan_config, refuse_unless_fits
 from jaxft.plan.recommend import Recommendation, recommend
 
 __all__ = ["AbstractRun", "Estimate", "MemoryPlan", "Recommendation", "Report", "abstract_run", "check_fits",
            "compile_step", "format_report", "parse_bytes", "plan_config", "plan_memory", "recommend",
-           "rule_of_thumb", "shard_bytes"]
+           "refuse_unless_fits", "rule_of_thumb", "shard_bytes"]

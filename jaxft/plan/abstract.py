@@ -34,11 +34,12 @@ _PLAN_STEPS = 1000
 
 @dataclasses.dataclass(frozen=True)
 class AbstractRun:
-    """The step and its abstract arguments: `args = (trainable, opt_state, frozen, batches, rng)`, every leaf a
+    """The step, its optimizer and its abstract arguments: `args = (trainable, opt_state, frozen, batches, rng)`, every leaf a
     `ShapeDtypeStruct` carrying its `NamedSharding` on `mesh`."""
 
     model: StaticModel
     mesh: Mesh
+    optimizer: optax.GradientTransformation
     step: Any
     trainable: Any
     opt_state: Any
@@ -104,7 +105,7 @@ def abstract_run(cfg: TrainConfig, config: LlamaConfig, devices: Sequence[jax.De
     options = ModelOptions(dtype=jnp.dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
                            scan_layers=cfg.model.scan_layers)
     model = StaticModel(config, spec, options)
-    return AbstractRun(model, mesh, make_train_step(model, optimizer), trainable, opt_state, frozen, batches, rng)
+    return AbstractRun(model, mesh, optimizer, make_train_step(model, optimizer), trainable, opt_state, frozen, batches, rng)
 
 
 def shard_bytes(tree: Any) -> int:

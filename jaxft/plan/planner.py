@@ -120,13 +120,17 @@ def plan_config(path: str, overrides: Sequence[str] = (), *, devices: int | None
     return Report(path, overrides, cfg, first, rec, time.perf_counter() - t)
 
 
-def check_fits(cfg_path: str, overrides: Sequence[str] = (), **kw) -> Report:
-    """`plan_config`, raising a one-line `ConfigError` with the planner's answer when the run does not fit (for a
-    trainer to call before it reads any weight)."""
-    report = plan_config(cfg_path, overrides, **kw)
+def refuse_unless_fits(report: Report) -> Report:
+    """`report`, or a one-line `ConfigError` with the planner's answer (the overrides that fit, or why nothing does)
+    when its run does not fit."""
     if not report.plan.fits:
         r = report.recommendation
         fix = f"; try: {' '.join(r.overrides)} ({r.why})" if r.overrides else f"; {r.why}"
-        raise ConfigError(f"{cfg_path}: the step needs {report.plan.total / GiB:.2f} GiB per device, the device has "
-                          f"{report.plan.device_memory / GiB:.2f} GiB{fix}")
+        raise ConfigError(f"{report.path}: the step needs {report.plan.total / GiB:.2f} GiB per device, the device "
+                          f"has {report.plan.device_memory / GiB:.2f} GiB{fix}")
     return report
+
+
+def check_fits(cfg_path: str, overrides: Sequence[str] = (), **kw) -> Report:
+    """`plan_config` then `refuse_unless_fits`: for a trainer to call before it reads any weight."""
+    return refuse_unless_fits(plan_config(cfg_path, overrides, **kw))
