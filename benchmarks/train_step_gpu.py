@@ -86,8 +86,10 @@ def jax_side(c: dict, batch: int, seq: int, steps: int, lora_r: int | None) -> d
 
     config = LlamaConfig(**c)
     spec = None if lora_r is None else peft.LoraSpec(r=lora_r, alpha=2 * lora_r, target_modules="all-linear")
-    model = StaticModel(config, spec, ModelOptions(dtype=jnp.bfloat16, remat="full"))
-    params = init_params(config, jax.random.key(0), jnp.bfloat16 if spec is not None else jnp.float32)
+    # XLA:CPU has no bf16 x bf16 -> f32 dot: the CPU smoke run computes in fp32.
+    compute = jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+    model = StaticModel(config, spec, ModelOptions(dtype=compute, remat="full"))
+    params = init_params(config, jax.random.key(0), compute if spec is not None else jnp.float32)
     if spec is None:
         trainable, frozen = params, None
     else:
