@@ -13,6 +13,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxft.errors import ConfigError
+from jaxft.kernels import flash_gpu, splash_tpu
+
+# `implementation` values of `blocked_causal_attention`: "auto" picks the platform's fused kernel where it fits.
+IMPLEMENTATIONS = ("auto", "xla", "splash", "flash")
+
 
 def attention_mask(q_segment_ids: jax.Array, kv_segment_ids: jax.Array, q_index: jax.Array,
                    kv_index: jax.Array, window: int | jax.Array | None = None) -> jax.Array:
@@ -63,10 +69,51 @@ def causal_block_size(t: int) -> int | None:
     return None
 
 
+def attention_platform() -> str:
+    """The platform attention is lowered for: the abstract device of the current abstract mesh when one is set
+    (`jax.sharding.use_abstract_mesh(AbstractMesh(..., abstract_device=AbstractDevice(platform="tpu")))` exports a
+    TPU step from this CPU; jit's cache keys on it), else `jax.default_backend()`: "cpu", "gpu" or "tpu"."""
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    platform = device.platform if device is not None else jax.default_backend()
+    return "gpu" if platform in ("cuda", "rocm") else platform
+
+
+def choose_implementation(implementation: str, t: int, head_dim: int, window: int | jax.Array | None) -> str:
+    """The attention path for a length-`t` self-attention: "xla" (blocked attention here), "splash" (TPU) or
+    "flash" (GPU, Triton). "auto" takes the platform's kernel when the shapes fit it (splash: `t` a multiple of
+    128 and a static window; flash: `t` a multiple of 128, head_dim a power of two) and XLA otherwise; a named kernel
+    is taken as asked (its shape checks raise), on another platform in Pallas interpret mode (slow: for tests)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise ConfigError(f"attention implementation {implementation!r} is not one of {', '.join(IMPLEMENTATIONS)}")
+    if implementation != "auto":
+        return implementation
+    platform = attention_platform()
+    if platform == "tpu" and splash_tpu.supported(t) and (window is None or isinstance(window, int)):
+        return "splash"
+    if platform == "gpu" and flash_gpu.supported(t, head_dim):
+        return "flash"
+    return "xla"
+
+
+def segments_from_mask(mask_bts: jax.Array) -> jax.Array:
+    """Segment ids `[B, T]` equivalent to a self-attention `attention_mask` (no window): each slot labelled by its
+    segment's first slot + 1 (the first key it sees, a query always seeing itself), 0 where it sees nothing
+    (padding). For callers that hold only the mask; passing the segment ids skips this `[B, T, T]` pass."""
+    first = jnp.argmax(mask_bts, axis=2).astype(jnp.int32)
+    sees_itself = jnp.diagonal(mask_bts, axis1=1, axis2=2)
+    return jnp.where(sees_itself, first + 1, 0)
+
+
 def blocked_causal_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.Array, mask_bts: jax.Array,
                              block: int, merge_heads: bool = False,
-                             window: int | jax.Array | None = None) -> jax.Array:
+                             window: int | jax.Array | None = None, segment_ids: jax.Array | None = None,
+                             implementation: str = "auto") -> jax.Array:
     """`attention` for a row attending to itself (S == T, slot-causal mask), computed block by block.
+
+    On accelerators the same attention runs as the platform's fused kernel (`choose_implementation`): splash
+    attention on TPU, jaxft's Triton flash attention on GPU, both from `segment_ids[B, T]` (derived from the mask by
+    `segments_from_mask` when not given) with the causal mask and `window` built in; `mask_bts` is then not read.
+    Outputs of padding rows (segment 0) differ between the paths (they mean nothing); real rows agree.
 
     Query block i reads only keys `[0, (i + 1) * block)`: the blocks above the diagonal are all masked, so skipping
     them changes nothing but the work (about half of it at long lengths). Each block is one batched GEMM per
@@ -85,6 +132,17 @@ def blocked_causal_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.A
     `merge_heads=True` returns `[B, T, H * hd]`, the array the backward pass keeps. A caller that feeds it to a
     layer keeping its input (a LoRA o projection) then keeps one array per layer instead of two under a scan.
     """
+    b, t, h, hd = q_bthd.shape
+    chosen = choose_implementation(implementation, t, hd, window)
+    if chosen != "xla":
+        segments = segments_from_mask(mask_bts) if segment_ids is None else segment_ids
+        if chosen == "splash":
+            out = splash_tpu.splash_attention(q_bthd, k_bskd, v_bskd, segments, window=window,
+                                              interpret=attention_platform() != "tpu")
+        else:
+            out = flash_gpu.flash_attention(q_bthd, k_bskd, v_bskd, segments, window=window,
+                                            interpret=attention_platform() != "gpu")
+        return out.reshape(b, t, h * hd) if merge_heads else out
     static = window if isinstance(window, int) else None
     traced = None if window is None or static is not None else jnp.asarray(window, jnp.int32)
     out = _blocked(q_bthd, k_bskd, v_bskd, mask_bts, traced, block, static)

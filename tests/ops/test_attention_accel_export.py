@@ -1,0 +1,98 @@
+"""The accelerator attention paths lower for their platforms on this CPU (`jax.export`), inside the whole train step.
+
+A TPU or GPU is not needed to check that the step a user runs there contains the fused kernel and that the kernel's
+block shapes pass the platform's lowering: `jax.export.export(..., platforms=[...])` runs jax's Mosaic TPU and
+Triton lowerings here. The target is named by an abstract mesh whose abstract device is a TPU or an H200 (what
+`jaxft.ops.attention.attention_platform` reads; jax 0.12's Triton lowering wants it too); the Triton custom call
+must be allowed explicitly since exported Triton kernels are not guaranteed stable across jax versions.
+What only the hardware checks (Mosaic's layout passes in libtpu, PTX compilation) is left to the GPU script.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+import pytest
+from jax.sharding import AbstractDevice, AbstractMesh, AxisType
+
+from jaxft import peft
+from jaxft.models.config import LlamaConfig
+from jaxft.models.llama import ModelOptions
+from jaxft.models.params import init_params
+from jaxft.ops.attention import attention_platform, blocked_causal_attention, choose_implementation
+from jaxft.train.step import StaticModel, make_train_step
+
+TRITON = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
+TARGETS = {
+    "tpu": (AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu"), "tpu_custom_call", []),
+    "cuda": (AbstractDevice(device_kind="NVIDIA H200", num_cores=132, platform="gpu"), "__gpu$xla.gpu.triton",
+             [TRITON]),
+}
+
+
+def _target(platform: str) -> AbstractMesh:
+    device = TARGETS[platform][0]
+    return AbstractMesh((1, 1, 1), ("data", "fsdp", "tensor"), axis_types=(AxisType.Auto,) * 3,
+                        abstract_device=device)
+
+
+def _tiny(window: int | None) -> LlamaConfig:
+    return LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=512, num_hidden_layers=2,
+                       num_attention_heads=4, num_key_value_heads=2, head_dim=64, sliding_window=window)
+
+
+def _export_step(platform: str, config: LlamaConfig, t: int):
+    """Export a LoRA (all-linear) bf16 train step of `config` on `[1, 2, t]` batches for `platform`: MLIR text."""
+    model = StaticModel(config, peft.LoraSpec(r=8, alpha=16, target_modules="all-linear"),
+                        ModelOptions(dtype=jnp.bfloat16, remat="full"))
+    frozen = jax.eval_shape(lambda: init_params(config, jax.random.key(0), jnp.bfloat16))
+    trainable = jax.eval_shape(lambda p: peft.init(model.spec, config, p, jax.random.key(1)), frozen)
+    optimizer = optax.adamw(1e-4)
+    opt_state = jax.eval_shape(optimizer.init, trainable)
+    ints = jax.ShapeDtypeStruct((1, 2, t), jnp.int32)
+    batches = {"input_ids": ints, "segment_ids": ints, "positions": ints, "loss_mask": ints}
+    rng = jax.eval_shape(lambda: jax.random.key(0))
+    mesh = _target(platform)
+    with jax.sharding.use_abstract_mesh(mesh):
+        assert attention_platform() == ("tpu" if platform == "tpu" else "gpu")
+        exported = jax.export.export(make_train_step(model, optimizer), platforms=[platform],
+                                     disabled_checks=TARGETS[platform][2])(trainable, opt_state, frozen, batches, rng)
+    return exported.mlir_module()
+
+
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+@pytest.mark.parametrize("window", [None, 96])
+def test_train_step_lowers_with_fused_attention(platform, window):
+    """The whole LoRA train step (scan over layers, full remat, bf16) lowers for the platform with its kernel: one
+    forward, one dq and one dk/dv kernel (splash: its forward, dq and dkv kernels; flash: the three Triton kernels)
+    in the layer scan; the recomputation under remat is the same forward kernel, deduplicated in the module."""
+    text = _export_step(platform, _tiny(window), 256)
+    marker = TARGETS[platform][1]
+    assert text.count(marker) >= 3, text.count(marker)
+
+
+def test_cpu_keeps_the_xla_path():
+    """On this CPU (no abstract device) "auto" is the blocked XLA attention, and the exported CPU step has no
+    Pallas kernel: the oracle path is unchanged."""
+    assert attention_platform() == "cpu"
+    assert choose_implementation("auto", 256, 64, None) == "xla"
+    q = jax.ShapeDtypeStruct((1, 256, 4, 64), jnp.float32)
+    kv = jax.ShapeDtypeStruct((1, 256, 2, 64), jnp.float32)
+    mask = jax.ShapeDtypeStruct((1, 256, 256), jnp.bool_)
+    exported = jax.export.export(jax.jit(lambda q, k, v, m: blocked_causal_attention(q, k, v, m, 64)),
+                                 platforms=["cpu"])(q, kv, kv, mask)
+    assert "custom_call" not in exported.mlir_module()
+
+
+@pytest.mark.parametrize("platform,expected", [("tpu", "splash"), ("cuda", "flash")])
+def test_auto_choice_follows_the_target_and_the_shapes(platform, expected):
+    """"auto" takes the kernel where the shapes fit it and the XLA path where not (length not a multiple of 128;
+    on TPU a traced per-layer window; on GPU a head_dim that is not a power of two)."""
+    traced = jnp.int32(96)  # made outside: jax 0.12 runs no eager op under an abstract-only mesh
+    with jax.sharding.use_abstract_mesh(_target(platform)):
+        assert choose_implementation("auto", 256, 64, 96) == expected
+        assert choose_implementation("auto", 192, 64, None) == "xla"
+        assert choose_implementation("auto", 256, 64, traced) == ("xla" if platform == "tpu" else "flash")
+        assert choose_implementation("auto", 256, 80, None) == ("splash" if platform == "tpu" else "xla")
+        assert choose_implementation("xla", 256, 64, None) == "xla"
