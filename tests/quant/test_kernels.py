@@ -18,8 +18,8 @@ from jaxft.quant import nf4
 from jaxft.quant.kernels import dispatch
 from jaxft.quant.kernels import pallas_nf4 as pk
 
-# Measured largest |kernel - reference| / max|reference| over the cases below (fp32 inputs, fp32 accumulation; the
-# kernel sums the K halves in another order): ~3e-7. Tolerance 3e-6 (10x).
+# Largest |kernel - reference| / max|reference| measured over the cases below, both kernel bodies (fp32 inputs, fp32
+# accumulation; the kernel sums the K halves in another order): 8.2e-7. Tolerance 3e-6 (3.7x).
 RTOL = 3e-6
 
 
