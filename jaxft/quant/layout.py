@@ -1,0 +1,32 @@
+"""NF4Tensor's packing order (see `jaxft.quant.nf4`): rows of `in` in chunks of 256; byte `j` of a chunk of width
+`c` holds row `j` in its high nibble and row `j + c/2` in its low nibble."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+CHUNK = 256  # rows of `in` packed together (two halves of 128: lane-aligned slices of x on TPU)
+
+
+def _chunks(k: int) -> list[tuple[int, int]]:
+    """`(start, width)` of the packing chunks of `k` rows."""
+    return [(s, min(CHUNK, k - s)) for s in range(0, k, CHUNK)]
+
+
+def pack(q: jax.Array) -> jax.Array:
+    """Codes `[..., in, out]` (0..15) -> packed uint8 `[..., in/2, out]` in NF4Tensor's chunk order."""
+    parts = []
+    for s, c in _chunks(q.shape[-2]):
+        hi, lo = q[..., s: s + c // 2, :], q[..., s + c // 2: s + c, :]
+        parts.append(((hi.astype(jnp.uint8) << 4) | lo.astype(jnp.uint8)).astype(jnp.uint8))
+    return jnp.concatenate(parts, axis=-2)
+
+
+def unpack(codes: jax.Array) -> jax.Array:
+    """Packed uint8 `[..., in/2, out]` -> codes int32 `[..., in, out]` (inverse of `pack`)."""
+    parts = []
+    for s, c in _chunks(2 * codes.shape[-2]):
+        b = codes[..., s // 2: (s + c) // 2, :].astype(jnp.int32)
+        parts += [b >> 4, b & 15]
+    return jnp.concatenate(parts, axis=-2)
