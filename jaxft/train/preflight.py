@@ -25,7 +25,6 @@ from jaxft.peft.targets import iter_instances, plan
 from jaxft.schema import ConfigError, to_dict
 from jaxft.train.config import TrainConfig, method_name, method_spec, parse_config, resolved_dict
 from jaxft.train.optim import warmup_steps
-from jaxft.train.sharded import check_run, run_mesh
 from jaxft.train.step import adds_inputs
 
 
@@ -164,8 +163,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     """Check everything that needs no weights, then read the tokenizer and the data. Writes nothing.
 
     Refused here, before any compute: a config that differs from the run in output_dir, a method that does not fit
-    the model or contradicts `method.init_from`'s adapter, a mesh that does not fit the devices, heads, dimensions
-    or global batch, a sequence length beyond the model's, data that is missing
+    the model or contradicts `method.init_from`'s adapter, a sequence length beyond the model's, data that is missing
     or does not parse, an eval split larger than the data, warm-up longer than the run, and settings that need
     evaluations (export.checkpoint: best, early stopping) without any."""
     config = jaxft.load_config(cfg.model.path)
@@ -173,9 +171,6 @@ def prepare(cfg: TrainConfig) -> Prepared:
     resuming = check_output_dir(cfg)
     n_virtual = peft.num_virtual_tokens(spec) if spec is not None else 0
     config.check_sequence_length(cfg.data.seq_len + n_virtual, "data.seq_len")
-    mesh = run_mesh(cfg.parallel)
-    if mesh is not None:
-        check_run(config, spec, cfg.parallel, mesh, cfg.train.batch_size)
     if adds_inputs(spec) and cfg.data.packing:
         raise ConfigError(f"method.type={cfg.method_type} prepends virtual tokens to whole rows: set data.packing=false")
     if "wandb" in cfg.train.report_to and importlib.util.find_spec("wandb") is None:
