@@ -42,6 +42,23 @@ def hf_tiny(variant: str, seed: int = 0):
     return model
 
 
+def write_tiny_smollm_vocab_model(d: str, hidden: int = 32, intermediate: int = 64) -> None:
+    """A random tiny Llama (2 layers, 4 heads, 2 KV heads, tied) whose vocabulary is SmolLM2's, with that tokenizer
+    saved beside it: a model directory the trainer runs end to end in seconds."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import jaxft
+
+    tok = jaxft.load_tokenizer("smollm2-135m-instruct")
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(d)
+    tok.save_pretrained(d)
+
+
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))

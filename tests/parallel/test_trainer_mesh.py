@@ -13,6 +13,7 @@ import sys
 import pytest
 import yaml
 
+from hf_models import write_tiny_smollm_vocab_model
 from jaxft.train.__main__ import main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -27,18 +28,7 @@ pytestmark = pytest.mark.slow
 
 
 def _write_model(d: str) -> None:
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import jaxft
-
-    tok = jaxft.load_tokenizer("smollm2-135m-instruct")
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(d)
-    tok.save_pretrained(d)
+    write_tiny_smollm_vocab_model(d, hidden=64, intermediate=128)
 
 
 def _config(tmp, out: str) -> str:

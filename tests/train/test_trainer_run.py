@@ -22,6 +22,7 @@ import yaml
 
 from jaxft.schema import ConfigError
 from jaxft.train import check, load_config
+from hf_models import write_tiny_smollm_vocab_model
 from jaxft.train.__main__ import main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -30,19 +31,7 @@ STEPS, SAVE_EVERY = 6, 3
 
 
 def _write_model(d: str) -> None:
-    """A random tiny Llama whose vocabulary is SmolLM2's, with that tokenizer saved beside it."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    import jaxft
-
-    tok = jaxft.load_tokenizer("smollm2-135m-instruct")
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-                         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(d)
-    tok.save_pretrained(d)
+    write_tiny_smollm_vocab_model(d)
 
 
 def _write_data(path: str, n: int = 40) -> None:
