@@ -9,8 +9,8 @@ from jaxft.errors import UnsupportedConfigError
 from jaxft.kernels import splash_attention
 import jax.numpy as jnp
 
-# Measured (seed 0 per case below): forward and gradients <= 1e-6 (scaled errors, see accel_cases.errors);
-# 4e-6 is a 3x+ margin.
+# Measured: 1.2e-6 (scaled error, see accel_cases.errors) in one standalone check, seed 0; 4e-6 is a 3.3x margin.
+# The per-case errors of the cases below are not yet recorded (issue 14 note).
 TOL = 4e-6
 
 
