@@ -19,7 +19,6 @@ of {"context", "choices": [...], "answer": index}. --perplexity: a .txt file or 
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 
@@ -139,5 +138,5 @@ def main(argv=None) -> int:
         return 2
     paths = write_report(report, args.out)
     print(markdown(report))
-    print(f"wrote {', '.join(os.path.relpath(p) for p in paths)}", file=sys.stderr)
+    print(f"wrote {', '.join(paths)}", file=sys.stderr)
     return 0

@@ -89,20 +89,24 @@ def _png(fig: Figure) -> str:
     return base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def _bars(title: str, groups: list[str], systems: dict[str, list[dict[str, float]]], ylabel: str) -> str:
-    """Grouped bars (one group per metric, one bar per system) with 95% CI error bars; base64 PNG."""
+def _bars(title: str, groups: list[str], systems: dict[str, list[dict[str, float]]], ylabel: str,
+          intervals: bool = True, line: tuple[float, str] | None = None) -> str:
+    """Grouped bars (one group per metric, one bar per system), with 95% CI error bars when `intervals`, and a
+    dashed horizontal `line = (y, label)` when given; base64 PNG."""
     fig = Figure(figsize=(max(5.0, 1.6 * len(groups) * max(1, len(systems)) / 2), 3.6), dpi=100)
     ax = fig.add_subplot()
     width = 0.8 / max(1, len(systems))
     for j, (name, vals) in enumerate(systems.items()):
         xs = [i + (j - (len(systems) - 1) / 2) * width for i in range(len(groups))]
         means = [v["mean"] for v in vals]
-        err = [[v["mean"] - v["low"] for v in vals], [v["high"] - v["mean"] for v in vals]]
-        ax.bar(xs, means, width, yerr=err, capsize=3, label=name)
+        err = [[v["mean"] - v["low"] for v in vals], [v["high"] - v["mean"] for v in vals]] if intervals else None
+        ax.bar(xs, means, width, yerr=err if intervals else None, capsize=3, label=name)
+    if line is not None:
+        ax.axhline(line[0], color="k", linestyle="--", linewidth=1, label=line[1])
     ax.set_xticks(range(len(groups)), groups)
     ax.set_ylabel(ylabel)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.0, 1.0))  # outside: never over a bar
     return _png(fig)
 
 
@@ -129,10 +133,14 @@ def plots(report: dict[str, Any]) -> list[tuple[str, str]]:
     if ppl:
         groups = list(ppl)
         names = sorted({n for g in ppl.values() for n in g}, key=["base", "tuned"].index)
+        f = report.get("forgetting")
+        line = None
+        if f:
+            line = (f["base"] * (1 + f["threshold"]),
+                    f"general-English forgetting threshold (base +{100 * f['threshold']:g}%)")
         out.append(("Perplexity (lower is better)",
-                    _bars("perplexity", groups, {n: [{"mean": ppl[g].get(n, 0.0), "low": ppl[g].get(n, 0.0),
-                                                      "high": ppl[g].get(n, 0.0)} for g in groups] for n in names},
-                          "perplexity")))
+                    _bars("perplexity", groups, {n: [{"mean": ppl[g].get(n, 0.0)} for g in groups] for n in names},
+                          "perplexity", intervals=False, line=line)))
     return out
 
 

@@ -23,7 +23,8 @@ def _jsonl(path, rows):
 
 TASKS = [{"prompt": f"ISO date for: {d}", "completion": iso} for d, iso in
          [("5 March 2021", "2021-03-05"), ("1 May 1999", "1999-05-01"), ("30 June 2010", "2010-06-30")]]
-SHOTS = [{"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "ISO date for: 2 Jan 2000"},
+SHOTS = [{"messages": [{"role": "system", "content": "Be brief."},
+                       {"role": "user", "content": "ISO date for: 2 Jan 2000"},
                        {"role": "assistant", "content": "2000-01-02"}]},
          {"prompt": "ISO date for: 9 Feb 2001", "completion": "2001-02-09"}]
 CHOICES = [{"context": "The capital of France is", "choices": ["Paris", "London"], "answer": 0},
@@ -166,3 +167,16 @@ def test_trainer_exact_match_goes_through_eval(tiny_dir):
     model = StaticModel(config, None, jaxft.ModelOptions())
     got = exact_match(model, params, None, tok, list(zip(prompts, refs)), max_new_tokens=3, batch_size=2)
     assert got == pytest.approx(200 / 3)
+
+
+def test_module_help_answers():
+    """`python -m jaxft.eval --help` in a fresh process: exit 0, the usage and the file formats, nothing on stderr."""
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    r = subprocess.run([sys.executable, "-m", "jaxft.eval", "--help"], capture_output=True, text=True, timeout=120,
+                       cwd=root, env={**os.environ, "PYTHONPATH": root})
+    assert r.returncode == 0 and r.stderr == "", r.stderr
+    assert r.stdout.startswith("usage: python -m jaxft.eval")
+    assert "--threshold" in r.stdout and "File formats" in r.stdout
