@@ -1,0 +1,172 @@
+"""NF4 in a model's parameter tree: which leaves are quantised, quantising a tree or a checkpoint while it loads,
+the logical axes of the NF4 fields, and the guard that keeps a quantised base out of an optimizer.
+
+A plan (`QuantPlan`) names the linear projections to quantise; embeddings and norms never are, nor a head tied to
+the embeddings (there is no separate head leaf), and an untied `lm_head` only when asked (bitsandbytes' and
+QLoRA's default leaves it dense).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxft.errors import UnsupportedConfigError
+from jaxft.quant.bnb_format import BLOCK, NESTED_BLOCK
+from jaxft.quant.nf4 import NF4Tensor, quantize, view_codes, with_storage
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantPlan:
+    """Which kernels are stored in NF4 and how. projections: names among `PROJECTIONS`; lm_head: quantise an
+    untied head; storage_dtype: `uint8` or `bfloat16` (see `jaxft.quant.nf4.view_codes`); double_quant: 8-bit
+    absmax tables."""
+
+    projections: tuple[str, ...] = PROJECTIONS
+    lm_head: bool = False
+    storage_dtype: str = "uint8"
+    double_quant: bool = True
+
+    @classmethod
+    def from_section(cls, section: Any) -> "QuantPlan":
+        """The plan of a trainer config's `quantize` section (`jaxft.train.config.QuantizeSection`)."""
+        return cls(tuple(section.projections), bool(section.lm_head), str(section.storage_dtype),
+                   bool(section.double_quant))
+
+    def targets(self, path: tuple[str, ...]) -> bool:
+        """Whether the leaf at `path` (dict keys into the params) is stored in NF4."""
+        if path == ("lm_head", "kernel"):
+            return self.lm_head
+        return len(path) >= 2 and path[-1] == "kernel" and path[-2] in self.projections
+
+    def stack(self, shape: tuple[int, ...], dtype: Any) -> "NF4Stack":
+        """An empty NF4 leaf of dense shape `shape` (`[L, in, out]` or `[in, out]`), filled one matrix at a time."""
+        return NF4Stack(shape, np.dtype(dtype), self)
+
+
+@functools.partial(jax.jit, static_argnames=("double_quant",))
+def _quantize_one(w: jax.Array, double_quant: bool) -> NF4Tensor:
+    return quantize(w, double_quant=double_quant)
+
+
+class NF4Stack:
+    """Host buffers of one NF4 leaf, filled matrix by matrix (`set`) while a checkpoint loads: the host holds the
+    quantised fields and one dense matrix, never the dense stack. `finish` hands out the `NF4Tensor`."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, plan: QuantPlan):
+        *lead, k, n = shape
+        if k % BLOCK:
+            raise UnsupportedConfigError(f"quantize: a weight with {k} input features is not a multiple of the NF4 "
+                                         f"block ({BLOCK}); leave it out of quantize.targets")
+        self.lead, self.dtype, self.plan = tuple(lead), dtype, plan
+        lead = tuple(lead)
+        self.codes = np.empty((*lead, k // 2, n), np.uint8)
+        self.absmax = np.empty((*lead, k // BLOCK, n), np.uint8 if plan.double_quant else np.float32)
+        self.nested = np.empty((*lead, math.ceil(k * n / BLOCK / NESTED_BLOCK)), np.float32) \
+            if plan.double_quant else None
+        self.offset = np.empty(lead, np.float32) if plan.double_quant else None
+        self.filled = np.zeros(lead, bool)
+
+    def set(self, layer: int | None, w: np.ndarray) -> None:
+        """Quantise the dense matrix `w[in, out]` of layer `layer` (None: an unstacked leaf)."""
+        t = _quantize_one(jnp.asarray(w), self.plan.double_quant)
+        at = () if layer is None else (layer,)
+        self.codes[at] = np.asarray(t.codes)
+        self.absmax[at] = np.asarray(t.absmax)
+        if self.nested is not None:
+            self.nested[at] = np.asarray(t.nested_absmax)
+            self.offset[at] = np.asarray(t.offset)
+        self.filled[at] = True
+
+    def finish(self) -> NF4Tensor:
+        if not self.filled.all():
+            raise ValueError("NF4Stack.finish: some matrices were never set")
+        arr = lambda v: None if v is None else jnp.asarray(v)  # noqa: E731
+        codes = view_codes(jnp.asarray(self.codes), self.plan.storage_dtype)
+        return NF4Tensor(codes, arr(self.absmax), arr(self.nested), arr(self.offset), self.dtype.name)
+
+
+def _paths(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
+    flat = jax.tree_util.tree_flatten_with_path(tree, is_leaf=lambda x: isinstance(x, NF4Tensor))[0]
+    return [(tuple(str(getattr(k, "key", k)) for k in p), v) for p, v in flat]
+
+
+def quantize_params(params: dict, plan: QuantPlan) -> dict:
+    """`params` with the plan's kernels replaced by `NF4Tensor`s (quantised layer by layer, on the devices). For a
+    tree already in memory; `jaxft.load_pretrained(..., quantize=plan)` quantises while reading instead."""
+    out = jax.tree.map(lambda x: x, params)
+    for path, leaf in _paths(params):
+        if plan.targets(path) and not isinstance(leaf, NF4Tensor):
+            stack = plan.stack(tuple(leaf.shape), leaf.dtype)
+            for i in (range(leaf.shape[0]) if leaf.ndim == 3 else [None]):
+                stack.set(i, leaf if i is None else leaf[i])
+            node = out
+            for k in path[:-1]:
+                node = node[k]
+            node[path[-1]] = stack.finish()
+    return out
+
+
+def compute_view(tree: Any) -> Any:
+    """`tree` with every NF4 leaf's codes as uint8 (a bitcast of bfloat16 storage; uint8 storage is unchanged).
+    Call it where the step starts, outside the layer scan: XLA:CPU canonicalises NaN bit patterns of bfloat16
+    values sliced inside a loop, which would change stored code bytes."""
+    def view(x):
+        return with_storage(x, jnp.uint8) if isinstance(x, NF4Tensor) else x
+    return jax.tree.map(view, tree, is_leaf=lambda x: isinstance(x, NF4Tensor))
+
+
+def nf4_leaves(tree: Any) -> list[str]:
+    """Dotted paths of the `NF4Tensor` leaves of `tree`."""
+    return [".".join(p) for p, v in _paths(tree) if isinstance(v, NF4Tensor)]
+
+
+def refuse_trainable(tree: Any, where: str = "optimizer") -> None:
+    """Raise when `tree` (what an optimizer would update) holds an NF4 weight: a quantised base is frozen; train an
+    adapter over it (method.type: qlora), or load the base unquantised to train it."""
+    found = nf4_leaves(tree)
+    if found:
+        more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+        raise UnsupportedConfigError(
+            f"{where}: {found[0]}{more} is an NF4-quantised base weight handed over as trainable; a quantised base "
+            "is frozen (train a LoRA/DoRA adapter over it, and keep quantised modules out of modules_to_save)")
+
+
+def nf4_axes(axes: tuple[str | None, ...], leaf: NF4Tensor,
+             shards: Mapping[str | None, int] | None = None) -> NF4Tensor:
+    """The logical axes of an NF4 leaf's fields from its dense kernel's `axes` (`(..., in_axis, out_axis)`): codes
+    and absmax take the kernel's axes, the double-quantisation tables only the leading (layer) axes.
+
+    A shard along `in` must hold whole packing chunks (256 rows) so that no block of 64, and no byte pair, crosses a
+    shard boundary: where `shards[in_axis]` (devices the rules split that axis over) leaves a shard of fewer or
+    not a multiple of 256 rows, the `in` axis of codes and absmax is replicated instead."""
+    *lead, ax_in, ax_out = axes
+    k = leaf.shape[-2]
+    n_in = (shards or {}).get(ax_in, 1)
+    if n_in > 1 and (k % n_in or (k // n_in) % 256):
+        ax_in = None
+    field = (*lead, ax_in, ax_out)
+    return NF4Tensor(field, field, None if leaf.nested_absmax is None else (*lead, None),
+                     None if leaf.offset is None else tuple(lead), leaf.dtype_name)
+
+
+def tree_axes(axes_tree: Any, params: Any, shards: Mapping[str | None, int] | None = None) -> Any:
+    """`axes_tree` (the dense model's logical axes, `jaxft.models.params.logical_axes`) with each leaf that is an
+    `NF4Tensor` in `params` replaced by its fields' axes (`nf4_axes`): the axes tree of a quantised base. `shards`:
+    logical axis -> devices the rules split it over (from the mesh), for the chunk-alignment rule."""
+    out = jax.tree.map(lambda x: x, axes_tree, is_leaf=lambda x: isinstance(x, tuple))
+    for path, leaf in _paths(params):
+        if isinstance(leaf, NF4Tensor):
+            node = out
+            for k in path[:-1]:
+                node = node[k]
+            node[path[-1]] = nf4_axes(node[path[-1]], leaf, shards)
+    return out
