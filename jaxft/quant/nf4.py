@@ -1,11 +1,12 @@
 """`NF4Tensor`: a linear weight `[..., in, out]` stored as 4-bit NF4 codes, bit-exact with bitsandbytes.
 
 Storage (chosen for the kernels, which contract `in` with `x` and keep `out` on the lanes):
-- `codes` uint8 `[..., in/2, out]` (or the same bytes as bfloat16 `[..., in/4, out]`, byte pairs of rows `2i` and
-  `2i+1` of the uint8 array in one element: `storage_dtype="bfloat16"`, as FSDP-QLoRA stores them): `in` is cut into chunks of 256 rows (the last chunk may be shorter: any
-  multiple of 64); byte `j` of a chunk of width `c` packs row `j` (high nibble) and row `j + c/2` (low nibble), so a
-  kernel unpacks a chunk into two contiguous row ranges and multiplies them with two contiguous, lane-aligned
-  slices of `x` (no interleaving, which TPU lanes cannot do cheaply).
+- `codes` uint8 `[..., in/2, out]` (or the same bytes as bfloat16 `[..., in/4, out]`, rows `2i` and `2i+1` of the
+  uint8 array in one element: `storage_dtype="bfloat16"`, as FSDP-QLoRA stores them; `packed()` views them back):
+  `in` is cut into chunks of 256 rows (the last chunk may be shorter: any multiple of 64); byte `j` of a chunk of
+  width `c` packs row `j` (high nibble) and row `j + c/2` (low nibble), so a kernel unpacks a chunk into two
+  contiguous row ranges and multiplies them with two contiguous, lane-aligned slices of `x` (no interleaving,
+  which TPU lanes cannot do cheaply).
 - `absmax` `[..., in/64, out]`: fp32, or uint8 with double quantisation, then `nested_absmax` fp32
   `[..., ceil(in*out/64/256)]` and `offset` fp32 `[...]` as bitsandbytes computes them per tensor.
 Blocks of 64 run along `in` for one output feature, exactly bitsandbytes' blocks of the flattened row-major

@@ -9,7 +9,6 @@ QLoRA's default leaves it dense).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, Mapping
 
@@ -18,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.errors import UnsupportedConfigError
-from jaxft.quant.bnb_format import BLOCK, NESTED_BLOCK
+from jaxft.quant.bnb_format import BLOCK, NESTED_BLOCK, double_quantize
+from jaxft.quant.layout import CHUNK
 from jaxft.quant.nf4 import NF4Tensor, quantize, view_codes, with_storage
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -52,9 +52,29 @@ class QuantPlan:
         return NF4Stack(shape, np.dtype(dtype), self)
 
 
-@functools.partial(jax.jit, static_argnames=("double_quant",))
-def _quantize_one(w: jax.Array, double_quant: bool) -> NF4Tensor:
-    return quantize(w, double_quant=double_quant)
+@jax.jit
+def _quantize_rows(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Packed codes and fp32 absmax of one packing chunk of rows `w[rows <= 256, out]` (blocks run along rows, so
+    a chunk quantises on its own exactly as inside the whole matrix)."""
+    t = quantize(w, double_quant=False)
+    return t.codes, t.absmax
+
+
+@jax.jit
+def _double_quantize(absmax: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """One matrix's fp32 absmax `[in/64, out]` -> (uint8 `[in/64, out]`, nested, offset), bitsandbytes' order."""
+    k64, n = absmax.shape
+    q, nested, offset = double_quantize(absmax.T.reshape(-1))
+    return q.reshape(n, k64).T, nested, offset
+
+
+def _aligned(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
+    """An uninitialised host array starting on an `align`-byte boundary, which XLA:CPU adopts as a device array
+    without copying it (`device_put(..., may_alias=True)`)."""
+    dtype = np.dtype(dtype)
+    raw = np.empty(math.prod(shape) * dtype.itemsize + align, np.uint8)
+    start = (-raw.ctypes.data) % align
+    return raw[start:start + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
 
 
 class NF4Stack:
@@ -68,30 +88,41 @@ class NF4Stack:
                                          f"block ({BLOCK}); leave it out of quantize.targets")
         self.lead, self.dtype, self.plan = tuple(lead), dtype, plan
         lead = tuple(lead)
-        self.codes = np.empty((*lead, k // 2, n), np.uint8)
-        self.absmax = np.empty((*lead, k // BLOCK, n), np.uint8 if plan.double_quant else np.float32)
-        self.nested = np.empty((*lead, math.ceil(k * n / BLOCK / NESTED_BLOCK)), np.float32) \
+        self.codes = _aligned((*lead, k // 2, n), np.uint8)
+        self.absmax = _aligned((*lead, k // BLOCK, n), np.uint8 if plan.double_quant else np.float32)
+        self.nested = _aligned((*lead, math.ceil(k * n / BLOCK / NESTED_BLOCK)), np.float32) \
             if plan.double_quant else None
-        self.offset = np.empty(lead, np.float32) if plan.double_quant else None
+        self.offset = _aligned(lead, np.float32) if plan.double_quant else None
         self.filled = np.zeros(lead, bool)
 
     def set(self, layer: int | None, w: np.ndarray) -> None:
-        """Quantise the dense matrix `w[in, out]` of layer `layer` (None: an unstacked leaf)."""
-        t = _quantize_one(jnp.asarray(w), self.plan.double_quant)
+        """Quantise the dense matrix `w[in, out]` of layer `layer` (None: an unstacked leaf), one packing chunk of
+        256 rows at a time so that the quantiser's temporaries stay a small multiple of a chunk."""
         at = () if layer is None else (layer,)
-        self.codes[at] = np.asarray(t.codes)
-        self.absmax[at] = np.asarray(t.absmax)
-        if self.nested is not None:
-            self.nested[at] = np.asarray(t.nested_absmax)
-            self.offset[at] = np.asarray(t.offset)
+        k = w.shape[0]
+        absmax = np.empty((k // BLOCK, w.shape[1]), np.float32)
+        for s in range(0, k, CHUNK):
+            codes, amax = _quantize_rows(jnp.asarray(w[s:s + CHUNK]))
+            self.codes[at][s // 2:(s + CHUNK) // 2] = np.asarray(codes)
+            absmax[s // BLOCK:(s + CHUNK) // BLOCK] = np.asarray(amax)
+        if self.plan.double_quant:
+            q, nested, offset = _double_quantize(jnp.asarray(absmax))
+            self.absmax[at] = np.asarray(q)
+            self.nested[at] = np.asarray(nested)
+            self.offset[at] = np.asarray(offset)
+        else:
+            self.absmax[at] = absmax
         self.filled[at] = True
 
     def finish(self) -> NF4Tensor:
         if not self.filled.all():
             raise ValueError("NF4Stack.finish: some matrices were never set")
-        arr = lambda v: None if v is None else jnp.asarray(v)  # noqa: E731
-        codes = view_codes(jnp.asarray(self.codes), self.plan.storage_dtype)
-        return NF4Tensor(codes, arr(self.absmax), arr(self.nested), arr(self.offset), self.dtype.name)
+        # aligned host buffers become the arrays without a copy on CPU (bfloat16 storage is one bitcast copy)
+        arr = lambda v: None if v is None else jax.device_put(v, may_alias=True)  # noqa: E731
+        codes = view_codes(arr(self.codes), self.plan.storage_dtype)
+        t = NF4Tensor(codes, arr(self.absmax), arr(self.nested), arr(self.offset), self.dtype.name)
+        self.codes = self.absmax = self.nested = self.offset = None
+        return t
 
 
 def _paths(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
