@@ -19,10 +19,10 @@ from jaxft.peft.types import Dora, Lora
 from jaxft.quant import NF4Tensor
 
 # Largest relative error (max |diff| / max |ref|) measured over the cases below (3 shapes x 2 seeds x dropout on/off,
-# output and the gradients of x, a, b, scale): 2.4e-7 on jax 0.10.2; bound 1e-6 (4x).
+# output and the gradients of x, a, b, scale): 3.1e-7 on jax 0.10.2; bound 1e-6 (3.2x).
 PRODUCT_RTOL = 1e-6
-# Tiny Llama, loss and adapter gradients over NF4 vs the dequantised base: 1.4e-6 (LoRA), 7.0e-7 (DoRA) measured;
-# bound 5e-6 (3.5x).
+# Tiny Llama, loss and adapter gradients over NF4 vs the dequantised base (rsLoRA all-linear, DoRA on 3 modules):
+# 9.1e-7 measured (jax 0.10.2; an earlier LoRA-all-linear variant measured 1.4e-6); bound 5e-6 (3.6x over 1.4e-6).
 MODEL_RTOL = 5e-6
 
 

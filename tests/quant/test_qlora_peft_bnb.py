@@ -17,10 +17,10 @@ torch = optional("torch")
 transformers = optional("transformers")
 peft = optional("peft")
 
-# Measured over 2 seeds (untied tiny Llama, all-linear r4, B non-zero): logits 3.1e-6 relative to their largest
-# magnitude, LoRA gradients 1.1e-5 (bitsandbytes' double-quantisation offset is a mean torch sums in another order,
-# which moves a decoded absmax by one ulp); bounds 3x: 1e-5 and 4e-5.
-LOGITS_RTOL, GRAD_RTOL = 1e-5, 4e-5
+# Measured over the 2 seeds (untied tiny Llama, all-linear r4, B non-zero, jax 0.10.2): logits 5.7e-7 relative to
+# their largest magnitude, LoRA gradients 2.2e-6 (fp32 orders of summation; the double-quantisation offset is a
+# mean torch and XLA may sum in different orders); bounds 3.5x and 3.2x.
+LOGITS_RTOL, GRAD_RTOL = 2e-6, 7e-6
 
 MODULES = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
