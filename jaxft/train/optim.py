@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 from jaxft.models.params import path_str
+from jaxft.quant import refuse_trainable
 from jaxft.schema import ConfigError
 
 
@@ -216,7 +217,9 @@ def _scale_by_tree(scales: Any) -> optax.GradientTransformation:
 
 def make_optimizer(cfg: OptimConfig, trainable: Any, total_steps: int) -> optax.GradientTransformation:
     """AdamW for the pytree `trainable` (its structure, paths and shapes define the mask and the lr scales):
-    clip -> Adam moments -> + weight_decay * param (masked) -> per-leaf lr scales -> * -lr(step)."""
+    clip -> Adam moments -> + weight_decay * param (masked) -> per-leaf lr scales -> * -lr(step).
+    A quantised (NF4) leaf in `trainable` is refused: a quantised base is frozen."""
+    refuse_trainable(trainable, "optimizer")
     parts = []
     if cfg.max_grad_norm is not None:
         parts.append(clip_by_global_norm_torch(cfg.max_grad_norm))

@@ -23,7 +23,7 @@ from jaxft.models.config import LlamaConfig
 from jaxft.models.params import abstract_params
 from jaxft.peft.targets import iter_instances, plan
 from jaxft.schema import ConfigError, to_dict
-from jaxft.train.config import TrainConfig, method_name, method_spec, parse_config, resolved_dict
+from jaxft.train.config import TrainConfig, check_quantize, method_name, method_spec, parse_config, resolved_dict
 from jaxft.train.optim import warmup_steps
 from jaxft.train.step import adds_inputs
 
@@ -171,6 +171,7 @@ def prepare(cfg: TrainConfig) -> Prepared:
     resuming = check_output_dir(cfg)
     n_virtual = peft.num_virtual_tokens(spec) if spec is not None else 0
     config.check_sequence_length(cfg.data.seq_len + n_virtual, "data.seq_len")
+    check_quantize(cfg.quantization(), config)
     if adds_inputs(spec) and cfg.data.packing:
         raise ConfigError(f"method.type={cfg.method_type} prepends virtual tokens to whole rows: set data.packing=false")
     if "wandb" in cfg.train.report_to and importlib.util.find_spec("wandb") is None:

@@ -15,6 +15,8 @@ METHOD_KEYS = (
            "the fine-tuning method: full fine-tuning or a PEFT method; the method's own keys follow."),
     KeyDoc("method.init_from", "str or null", "null",
            "a peft adapter directory to continue training from."),
+    KeyDoc("method.adapter", "'lora' or 'dora'", "lora",
+           "with type: qlora, the adapter trained over the NF4 base (rsLoRA: lora with use_rslora)."),
 )
 
 
