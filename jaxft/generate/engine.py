@@ -277,12 +277,24 @@ class Engine:
         """Release `slot` (finished or not): it stops generating and may take another request. Its cache is kept
         until then, so `add(..., slot=slot)` with a prompt that extends its history still reuses it."""
         self._check_slot(slot)
+        self.stop(slot)
+        self._busy[slot] = False
+
+    def stop(self, slot: int) -> None:
+        """Stop `slot` generating but keep it reserved (a chat between turns, a request cut by a stop string)."""
+        self._check_slot(slot)
         if self._active[slot]:
             self.state = dataclasses.replace(self.state, active=self.state.active.at[slot].set(False))
-        self._busy[slot] = self._active[slot] = False
+        self._active[slot] = False
+
+    def shared_prefix(self, slot: int, prompt: Sequence[int]) -> int:
+        """How many leading tokens of `prompt` `slot` already holds in its cache (what `add` would not recompute)."""
+        hist, full = self.history[slot], [-1] * self._st.n_virtual + [int(t) for t in prompt]
+        keep = max(0, min(_common(hist, full), len(hist) - 1, len(full) - 1))
+        return 0 if keep < self._st.n_virtual else keep
 
     def _check_slot(self, slot: int) -> None:
-        if not (isinstance(slot, int) and 0 <= slot < self.slots):
+        if not (isinstance(slot, (int, np.integer)) and not isinstance(slot, bool) and 0 <= slot < self.slots):
             raise ConfigError(f"slot {slot!r} is not a slot of this engine (0..{self.slots - 1})")
 
     # -- prefill ------------------------------------------------------------------------------------------------
@@ -322,11 +334,7 @@ class Engine:
             if not (isinstance(max_new_tokens[i], int) and max_new_tokens[i] >= 1):
                 raise ConfigError(f"request {i}: max_new_tokens={max_new_tokens[i]!r} must be an integer >= 1")
             full = [-1] * p_virtual + prompt  # -1 stands for the virtual tokens in the history
-            hist = self.history[s]
-            # Reuse what the slot holds (never its pending last token, and at least one token to compute).
-            keep = max(0, min(_common(hist, full), len(hist) - 1, len(full) - 1))
-            if keep < p_virtual:
-                keep = 0
+            keep = self.shared_prefix(s, prompt)  # never the pending last token; at least one token to compute
             need = len(full) + max_new_tokens[i] - 1
             if need > self.max_len:
                 raise ConfigError(f"request {i}: {len(prompt)} prompt tokens + max_new_tokens={max_new_tokens[i]}"
@@ -359,7 +367,7 @@ class Engine:
                               f"request to finish and free its slot, or make the engine with more slots")
         chosen = []
         for prompt in prompts:  # the free slot sharing the longest prefix with the prompt (chat turns, few-shot)
-            best = max(free, key=lambda s: _common(self.history[s], [-1] * self._st.n_virtual + list(prompt)))
+            best = max(free, key=lambda s: self.shared_prefix(s, prompt))
             free.remove(best)
             chosen.append(best)
         return chosen
