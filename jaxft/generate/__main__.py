@@ -19,7 +19,7 @@ import sys
 import time
 
 from jaxft.errors import ConfigError, FileFormatError, JaxftError
-from jaxft.generate.cli import add_model_flags, add_sampling_flags, build, sampling_from
+from jaxft.generate.cli import add_model_flags, add_sampling_flags, build
 from jaxft.generate.sampling import SamplingParams
 from jaxft.generate.text import Request, render_chat, run
 from jaxft.runtime import keep_freed_host_memory

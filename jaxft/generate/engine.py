@@ -322,7 +322,7 @@ class Engine:
         if adapter_ids is not None and self.state.adapter_ids is None:
             raise ConfigError("adapter_id given but the engine was made without multi_adapter=True")
         chosen = self._choose_slots(prompts, slots)
-        st, p_virtual = self._st, self._st.n_virtual
+        p_virtual = self._st.n_virtual
         n_stop, m_stop = self.state.stop_seqs.shape[1:]
         rows_starts, pieces = [], []
         for i, (prompt, s) in enumerate(zip(prompts, chosen)):
