@@ -26,6 +26,7 @@ from jaxft.models.llama import ModelOptions
 from jaxft.models.params import abstract_params, logical_axes
 from jaxft.train.config import TrainConfig, method_spec
 from jaxft.train.optim import make_optimizer
+from jaxft.train.sharded import Placement
 from jaxft.train.step import StaticModel, make_train_step
 
 # The optimizer's schedule length does not change any array's shape; a run's real length needs its data.
@@ -80,6 +81,7 @@ def abstract_run(cfg: TrainConfig, config: LlamaConfig, devices: Sequence[jax.De
     rules = cfg.parallel.rules
     base = abstract_params(config, jnp.dtype(cfg.model.param_dtype))
     base_axes = logical_axes(config)
+    frozen_shardings = None
     if spec is None:
         trainable = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), base)
         trainable_axes, frozen = base_axes, None
@@ -88,13 +90,15 @@ def abstract_run(cfg: TrainConfig, config: LlamaConfig, devices: Sequence[jax.De
         trainable = jax.eval_shape(lambda p, k: peft.init(spec, config, p, k), base, jax.random.key(0))
         trainable_axes = peft.logical_axes(spec, config, trainable)
         parallel.check_mesh(config, mesh, rules, cfg.train.batch_size, adapter=(trainable_axes, trainable))
-        frozen = _with(base, parallel.param_shardings(base_axes, rules, mesh))
+        frozen_shardings = parallel.param_shardings(base_axes, rules, mesh)
+        frozen = _with(base, frozen_shardings)
     trainable_shardings = parallel.param_shardings(trainable_axes, rules, mesh)
     optimizer = make_optimizer(cfg.optim, trainable, _PLAN_STEPS)
     if spec is not None:
         optimizer = optax.chain(optimizer, peft.mask_updates(peft.trainable_mask(spec, base, trainable)))
     opt_state = jax.eval_shape(optimizer.init, trainable)
-    opt_state = _with(opt_state, parallel.state_shardings(opt_state, trainable, trainable_shardings, mesh))
+    opt_shardings = parallel.state_shardings(opt_state, trainable, trainable_shardings, mesh)
+    opt_state = _with(opt_state, opt_shardings)
     trainable = _with(trainable, trainable_shardings)
     shape = (cfg.train.grad_accum, cfg.train.batch_size, cfg.data.seq_len)
     rows = parallel.batch_sharding(mesh, row_axis=1)
@@ -105,7 +109,11 @@ def abstract_run(cfg: TrainConfig, config: LlamaConfig, devices: Sequence[jax.De
     options = ModelOptions(dtype=jnp.dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
                            scan_layers=cfg.model.scan_layers)
     model = StaticModel(config, spec, options)
-    return AbstractRun(model, mesh, optimizer, make_train_step(model, optimizer), trainable, opt_state, frozen, batches, rng)
+    # the trainer's own step: on a mesh of several devices it is placed (gradient and head sharding constraints)
+    where = None if mesh.size == 1 else Placement(mesh, trainable_shardings, frozen_shardings, opt_shardings, rows,
+                                                  parallel.replicated(mesh))
+    return AbstractRun(model, mesh, optimizer, make_train_step(model, optimizer, where), trainable, opt_state, frozen,
+                       batches, rng)
 
 
 def shard_bytes(tree: Any) -> int:
