@@ -20,6 +20,7 @@ multiple of 64 (NF4Tensor's blocks run along them) is dequantised exactly to a d
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from typing import Any
@@ -218,8 +219,7 @@ def nf4_leaves(table: dict[str, TensorEntry], groups: dict[str, dict[str, Stored
             if q.shape[1] % BLOCK:  # NF4Tensor blocks run along `in`: keep this weight dense (exact dequantisation)
                 parts.append(np.asarray(dequantize_bnb(q)).T.astype(dtype))
                 continue
-            t = from_bnb(q)
-            parts.append(NF4Tensor(t.codes, t.absmax, t.nested_absmax, t.offset, np.dtype(dtype).name))
+            parts.append(dataclasses.replace(from_bnb(q), dtype_name=np.dtype(dtype).name))
         if None in names:
             out[path] = parts[0]
             continue

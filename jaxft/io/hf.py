@@ -127,24 +127,34 @@ def _tree(leaves: dict[tuple[str, ...], Any]) -> dict:
     return params
 
 
-def _fill(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dtype, where: str,
+def _fill(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dtype, where: str, quantize: Any = None,
           done: dict[tuple[str, ...], Any] | None = None) -> dict:
     """Check every name and shape against the config, then copy the tensors slab by slab into preallocated leaves
-    of the target dtype; return the jax tree (the host buffers become the arrays without a copy on CPU). `done`:
-    leaves already built (the NF4 ones of a bitsandbytes checkpoint), by tree path."""
+    of the target dtype; return the jax tree (the host buffers become the arrays without a copy on CPU). A leaf
+    `quantize.targets(path)` names is built by `quantize.stack(shape, dtype)` one matrix at a time instead (NF4:
+    the host holds its quantised fields plus one dense matrix). `done`: leaves already built (the NF4 ones of a
+    bitsandbytes checkpoint), by tree path."""
     done = done or {}
     table, found = _match(config, stored, where, frozenset(done))
-    buffers: dict[tuple[str, ...], np.ndarray] = {}
+    buffers: dict[tuple[str, ...], Any] = {}
     for e in table.values():
         if e.path not in buffers:
-            buffers[e.path] = _host_buffer(_leaf_shape(config, e), dtype)
+            quantized = quantize is not None and quantize.targets(e.path)
+            buffers[e.path] = (quantize.stack if quantized else _host_buffer)(_leaf_shape(config, e), dtype)
     for name, t in found.items():
         e = table[name]
+        if not isinstance(buffers[e.path], np.ndarray):  # quantised: one dense matrix at a time
+            one = _host_buffer(e.hf_shape, dtype)
+            t.copy_into(one)
+            buffers[e.path].set(e.layer, one.T if e.transpose else one)
+            del one
+            continue
         dst = buffers[e.path] if e.layer is None else buffers[e.path][e.layer]
         t.copy_into(dst.T if e.transpose else dst)
     leaves = dict(done)
     for path in list(buffers):
-        leaves[path] = jax.device_put(buffers.pop(path), may_alias=True)  # CPU: adopts the buffer
+        b = buffers.pop(path)
+        leaves[path] = jax.device_put(b, may_alias=True) if isinstance(b, np.ndarray) else b.finish()
     return _tree(leaves)
 
 
@@ -214,12 +224,15 @@ def _bad_path(path: str) -> JaxftError:
     return FileFormatError(f"{path}: not an HF model directory, a .gguf file or 'smollm2-135m-instruct'")
 
 
-def load_pretrained(path: str, dtype="float32", shardings: Any = None) -> tuple[LlamaConfig, dict]:
+def load_pretrained(path: str, dtype="float32", shardings: Any = None, quantize: Any = None
+                    ) -> tuple[LlamaConfig, dict]:
     """Load `(config, params)` from an HF directory (safetensors), a `.gguf` file, or `smollm2-135m-instruct`.
 
     `dtype` is the parameter dtype (float32, bfloat16, float16). Tensors are streamed one at a time.
     `shardings`: a tree like the params of `jax.sharding.Sharding`s (e.g. over a multi-host mesh): each leaf is
     then built from the blocks this process's devices hold, read straight from the file (see `_fill_sharded`).
+    `quantize`: a `jaxft.quant.QuantPlan`; the kernels it targets are quantised to NF4 tensor by tensor as they are
+    read (the host peaks near the quantised model plus one dense matrix).
     A transformers bitsandbytes 4-bit NF4 checkpoint (`quantization_config` in config.json) loads its quantised
     linear weights as `NF4Tensor` leaves, exactly, without re-quantising (`jaxft.io.bnb_checkpoint`).
     """
@@ -236,15 +249,18 @@ def load_pretrained(path: str, dtype="float32", shardings: Any = None) -> tuple[
             stored, groups = split_bnb_tensors(stored, path)
             table = {e.hf_name: e for e in tensor_table(config)}
             done = nf4_leaves(table, groups, config.num_hidden_layers, np_dtype, path)
-            return config, _fill(config, stored, np_dtype, path, done)
+            return config, _fill(config, stored, np_dtype, path, quantize, done=done)
         refuse_unconfigured(stored, path)
     elif path.endswith(".gguf") and os.path.isfile(path):
         config, stored = gguf_model(path)
     else:
         raise _bad_path(path)
     if shardings is not None:
+        if quantize is not None:
+            raise UnsupportedConfigError(f"{path}: quantising while loading onto shardings is not implemented; load "
+                                         "quantised on one host, then place the tree")
         return config, _fill_sharded(config, stored, np_dtype, path, shardings)
-    return config, _fill(config, stored, np_dtype, path)
+    return config, _fill(config, stored, np_dtype, path, quantize)
 
 
 def _shard_bytes(limit: int | str) -> int:

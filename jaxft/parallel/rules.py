@@ -10,6 +10,7 @@ logical name to a mesh axis, a tuple of mesh axes, or None (replicated); a name 
 from __future__ import annotations
 
 import difflib
+import math
 from typing import Any, Mapping
 
 import jax
@@ -107,3 +108,9 @@ def partition_specs(logical_axes_tree: Any, rules: str | Mapping[str, Any]) -> A
 
 def _dotted(path) -> str:
     return ".".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+
+
+def shard_counts(rules: str | Mapping[str, Any], mesh: Any) -> dict[str, int]:
+    """Logical axis -> the number of pieces `rules` cut a dimension with that name into on `mesh` (the product of
+    its mesh axes' sizes; 1 for a replicated name). NF4 fields use it to keep quantisation blocks inside a shard."""
+    return {name: int(math.prod(mesh.shape[a] for a in axes)) for name, axes in resolve_rules(rules).items()}

@@ -161,6 +161,10 @@ class Lora(Weight):
 
     def apply(self, x: jax.Array, bias: jax.Array | None) -> jax.Array:
         a, b, scale = self.a.astype(x.dtype), self.b.astype(x.dtype), jnp.asarray(self.scale, x.dtype)
+        fused = getattr(self.base, "apply_lora", None)  # a base with its own fused LoRA product (NF4: QLoRA)
+        if fused is not None:
+            y = fused(x, _dropout(x, self.dropout_rate, self.dropout_key), a, b, scale)
+            return y if bias is None else y + bias.astype(y.dtype)
         if not isinstance(self.base, Weight) and (self.dropout_key is None or self.dropout_rate == 0.0):
             y = lora_linear(x, self.base, a, b, scale)
             return y if bias is None else y + bias.astype(y.dtype)

@@ -119,7 +119,8 @@ class BnbNF4(NamedTuple):
 def nf4_codes(values: jax.Array) -> jax.Array:
     """NF4 code (int32, 0..15) of normalised fp32 values: the number of bounds strictly below each value, as
     `torch.bucketize(..., right=False)` counts (a value on a bound takes the lower code)."""
-    return jnp.sum(values[..., None] > jnp.asarray(NF4_BOUNDS), axis=-1, dtype=jnp.int32)
+    # searchsorted (count of bounds < v) rather than a [..., 15] comparison: no temporary 15x the input
+    return jnp.searchsorted(jnp.asarray(NF4_BOUNDS), values, side="left").astype(jnp.int32)
 
 
 def _blockwise_absmax(flat: jax.Array, block: int) -> tuple[jax.Array, jax.Array, int]:
@@ -174,7 +175,8 @@ def double_quantize(absmax: jax.Array, offset: jax.Array | None = None) -> tuple
         nested = jnp.concatenate([nested, am[None]])
         inv = jnp.concatenate([inv, jnp.broadcast_to(safe_inverse(am), (r,))])
     v = jnp.clip(d * inv, -1, 1)
-    codes = jnp.sum(v[:, None] >= jnp.asarray(DYNAMIC_THRESHOLDS), axis=-1, dtype=jnp.int32)
+    # count of thresholds <= v, without an [n, 255] temporary
+    codes = jnp.searchsorted(jnp.asarray(DYNAMIC_THRESHOLDS), v, side="right").astype(jnp.int32)
     codes = jnp.where(jnp.repeat(nested == 0, NESTED_BLOCK)[: d.shape[0]], 0, codes)
     return codes.astype(jnp.uint8), nested, offset
 

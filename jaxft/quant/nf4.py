@@ -1,10 +1,12 @@
 """`NF4Tensor`: a linear weight `[..., in, out]` stored as 4-bit NF4 codes, bit-exact with bitsandbytes.
 
 Storage (chosen for the kernels, which contract `in` with `x` and keep `out` on the lanes):
-- `codes` uint8 `[..., in/2, out]`: `in` is cut into chunks of 256 rows (the last chunk may be shorter: any
-  multiple of 64); byte `j` of a chunk of width `c` packs row `j` (high nibble) and row `j + c/2` (low nibble), so a
-  kernel unpacks a chunk into two contiguous row ranges and multiplies them with two contiguous, lane-aligned
-  slices of `x` (no interleaving, which TPU lanes cannot do cheaply).
+- `codes` uint8 `[..., in/2, out]` (or the same bytes as bfloat16 `[..., in/4, out]`, rows `2i` and `2i+1` of the
+  uint8 array in one element: `storage_dtype="bfloat16"`, as FSDP-QLoRA stores them; `packed()` views them back):
+  `in` is cut into chunks of 256 rows (the last chunk may be shorter: any multiple of 64); byte `j` of a chunk of
+  width `c` packs row `j` (high nibble) and row `j + c/2` (low nibble), so a kernel unpacks a chunk into two
+  contiguous row ranges and multiplies them with two contiguous, lane-aligned slices of `x` (no interleaving,
+  which TPU lanes cannot do cheaply).
 - `absmax` `[..., in/64, out]`: fp32, or uint8 with double quantisation, then `nested_absmax` fp32
   `[..., ceil(in*out/64/256)]` and `offset` fp32 `[...]` as bitsandbytes computes them per tensor.
 Blocks of 64 run along `in` for one output feature, exactly bitsandbytes' blocks of the flattened row-major
@@ -24,7 +26,7 @@ import numpy as np
 
 from jaxft.errors import UnsupportedConfigError
 from jaxft.ops.linear import Weight
-from jaxft.quant import bnb_format
+from jaxft.quant import bnb_format, fused
 from jaxft.quant.bnb_format import BLOCK, NF4_CODES, BnbNF4
 from jaxft.quant.kernels import dispatch
 from jaxft.quant.layout import pack, unpack
@@ -51,7 +53,17 @@ class NF4Tensor(Weight):
 
     @property
     def shape(self) -> tuple[int, ...]:
-        return (*self.codes.shape[:-2], 2 * self.codes.shape[-2], self.codes.shape[-1])
+        per_row = 2 * jnp.dtype(self.codes.dtype).itemsize  # codes per stored element along `in`
+        return (*self.codes.shape[:-2], per_row * self.codes.shape[-2], self.codes.shape[-1])
+
+    @property
+    def storage_dtype(self) -> str:
+        """`uint8` or `bfloat16`: the array type holding the packed codes."""
+        return jnp.dtype(self.codes.dtype).name
+
+    def packed(self) -> jax.Array:
+        """The packed codes as uint8 `[..., in/2, out]` (a bitcast of bfloat16 storage; no copy of values)."""
+        return unview_codes(self.codes)
 
     @property
     def dtype(self) -> jnp.dtype:
@@ -60,6 +72,13 @@ class NF4Tensor(Weight):
     @property
     def double_quant(self) -> bool:
         return self.nested_absmax is not None
+
+    def _check_compute_storage(self, where: str) -> None:
+        if self.codes.dtype != jnp.uint8:
+            # Inside the layer scan XLA:CPU may canonicalise NaN bit patterns of sliced bfloat16 values.
+            raise UnsupportedConfigError(
+                f"NF4Tensor.{where}: codes stored as {self.codes.dtype} reach the product; pass the params through "
+                "jaxft.quant.compute_view (peft.bind of LoRA/DoRA does) before the forward pass")
 
     def absmax_f32(self) -> jax.Array:
         """fp32 absmax `[..., in/64, out]` (decodes the double-quantised tables)."""
@@ -76,17 +95,60 @@ class NF4Tensor(Weight):
         if len(self.shape) != 2:
             raise UnsupportedConfigError(f"NF4Tensor.apply: a stacked weight {self.shape} is applied one layer at a "
                                          "time (inside the layer scan)")
-        y = dispatch.matmul(x, self.codes, self.absmax_f32())
+        self._check_compute_storage("apply")
+        y = dispatch.matmul(x, self.packed(), self.absmax_f32())
         return y if bias is None else y + bias.astype(y.dtype)
+
+    def apply_lora(self, x: jax.Array, xd: jax.Array, a: jax.Array, b: jax.Array, scale: jax.Array) -> jax.Array:
+        """`x W + scale * (xd a) b` as one product with one backward pass (`jaxft.quant.fused.lora_linear`): how
+        `jaxft.peft.Lora` computes LoRA over this base (QLoRA). `xd` is `x` after the adapter's dropout."""
+        if len(self.shape) != 2:
+            raise UnsupportedConfigError(f"NF4Tensor.apply_lora: a stacked weight {self.shape} is applied one layer "
+                                         "at a time (inside the layer scan)")
+        self._check_compute_storage("apply_lora")
+        return fused.lora_linear(x, xd, self, a, b, scale)
 
     def materialize(self) -> jax.Array:
         return dequantize(self)
 
 
-def quantize(w: jax.Array, *, double_quant: bool = True, offset: jax.Array | None = None) -> NF4Tensor:
+def view_codes(codes: jax.Array, storage_dtype: Any) -> jax.Array:
+    """Packed uint8 codes `[..., in/2, out]` stored as `storage_dtype`: uint8 as they are, bfloat16 as
+    `[..., in/4, out]` whose element `(i, j)` holds bytes `(2i, j)` and `(2i+1, j)` (a bitcast: exact)."""
+    if jnp.dtype(storage_dtype) == jnp.uint8:
+        return codes
+    if jnp.dtype(storage_dtype) != jnp.bfloat16:
+        raise UnsupportedConfigError(f"NF4 storage_dtype {jnp.dtype(storage_dtype).name}: only uint8 and bfloat16 "
+                                     "are implemented")
+    *lead, rows, n = codes.shape
+    pairs = jnp.swapaxes(codes.reshape(*lead, rows // 2, 2, n), -1, -2)  # [..., rows/2, out, 2]
+    return jax.lax.bitcast_convert_type(pairs, jnp.bfloat16)
+
+
+def unview_codes(codes: jax.Array) -> jax.Array:
+    """The inverse of `view_codes`: uint8 `[..., in/2, out]`."""
+    if codes.dtype == jnp.uint8:
+        return codes
+    pairs = jax.lax.bitcast_convert_type(codes, jnp.uint8)  # [..., in/4, out, 2]
+    *lead, rows, n, _ = pairs.shape
+    return jnp.swapaxes(pairs, -1, -2).reshape(*lead, 2 * rows, n)
+
+
+def with_storage(t: NF4Tensor, storage_dtype: Any) -> NF4Tensor:
+    """`t` with its codes stored as `storage_dtype` (uint8 or bfloat16); values unchanged."""
+    return dataclasses.replace(t, codes=view_codes(t.packed(), storage_dtype))
+
+
+def quantize(w: jax.Array, *, double_quant: bool = True, offset: jax.Array | None = None,
+             storage_dtype: Any = jnp.uint8) -> NF4Tensor:
     """NF4-quantise a dense `w[..., in, out]` (fp32, bf16 or fp16; `in` a multiple of 64), each `[in, out]` matrix
     on its own as bitsandbytes quantises `weight[out, in]` (leading axes are layers). `offset` (double
-    quantisation, per matrix `[...]`) replaces the fp32 mean of the absmax."""
+    quantisation, per matrix `[...]`) replaces the fp32 mean of the absmax. `storage_dtype`: the codes' array type
+    (`view_codes`)."""
+    return with_storage(_quantize(w, double_quant, offset), storage_dtype)
+
+
+def _quantize(w, double_quant, offset) -> NF4Tensor:
     *lead, k, n = w.shape
     _check_in_features(k, "quantize")
     wf = w.astype(jnp.float32)
@@ -118,7 +180,7 @@ def quantize(w: jax.Array, *, double_quant: bool = True, offset: jax.Array | Non
 def dequantize(t: NF4Tensor, dtype: Any = None) -> jax.Array:
     """The dense `[..., in, out]` weight: `fp32(code * absmax)` rounded to `dtype` (default `t.dtype`), bit-exact
     with bitsandbytes' `dequantize_4bit`. Plain XLA (the oracle the kernels are tested against)."""
-    vals = jnp.asarray(NF4_CODES)[unpack(t.codes)]
+    vals = jnp.asarray(NF4_CODES)[unpack(t.packed())]
     absmax = jnp.repeat(t.absmax_f32(), BLOCK, axis=-2)
     return (vals * absmax).astype(t.dtype if dtype is None else dtype)
 
@@ -128,7 +190,7 @@ def to_bnb(t: NF4Tensor) -> BnbNF4:
     if len(t.shape) != 2:
         raise UnsupportedConfigError(f"to_bnb: one matrix at a time, got a stacked NF4Tensor {t.shape}")
     k, n = t.shape
-    q = unpack(t.codes).T.reshape(-1)  # [out, in] row-major
+    q = unpack(t.packed()).T.reshape(-1)  # [out, in] row-major
     packed = ((q[0::2] << 4) | q[1::2]).astype(jnp.uint8)
     return BnbNF4(packed, t.absmax.T.reshape(-1), t.nested_absmax, t.offset, (n, k), t.dtype)
 

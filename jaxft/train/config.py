@@ -1,7 +1,8 @@
 """The trainer's typed config: `python -m jaxft.train CONFIG.yaml [dotted.key=value ...]`.
 
-Sections: `model`, `data` (jaxft.data.DataConfig), `method` (`type:` plus the fields of that method's peft spec),
-`optim` (jaxft.train.optim.OptimConfig), `train`, `eval`, `export`, `parallel` (jaxft.parallel.ParallelSection:
+Sections: `model`, `data` (jaxft.data.DataConfig), `method` (`type:` plus the fields of that method's peft spec;
+`type: qlora` is LoRA, rsLoRA or DoRA (`adapter:`) over an NF4-quantised base), `quantize` (how `qlora` quantises
+the base), `optim` (jaxft.train.optim.OptimConfig), `train`, `eval`, `export`, `parallel` (jaxft.parallel.ParallelSection:
 the device mesh, the sharding rules, multi-host start-up), and `output_dir`. Unknown keys are errors with
 the closest valid key suggested; every check that can run without weights runs before any compute.
 """
@@ -20,7 +21,12 @@ from jaxft.schema import ConfigError, apply_overrides, describe, from_dict, load
 from jaxft.train.optim import OptimConfig
 
 REPORTERS = ("tensorboard", "wandb")
-METHODS = ("full", *peft.method_names())
+QLORA = "qlora"
+QLORA_ADAPTERS = ("lora", "dora")  # rsLoRA is lora with use_rslora
+METHODS = ("full", *peft.method_names(), QLORA)
+LINEAR_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+NEVER_QUANTIZED = ("embed_tokens", "norm", "input_layernorm", "post_attention_layernorm")
+NF4_BLOCK = 64
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +137,58 @@ class ExportSection:
 
 
 @dataclasses.dataclass(frozen=True)
+class QuantizeSection:
+    """How `method.type: qlora` quantises the frozen base to NF4 (4-bit NormalFloat, bit-exact with bitsandbytes)
+    while it loads; the adapter trains in model.compute_dtype over it. Other methods refuse a non-default section.
+
+    targets: the linear projections stored in NF4: `all-linear` (q/k/v/o and gate/up/down of every layer) or a
+        list of those names; embeddings and norms never are.
+    lm_head: also quantise an untied output head (bitsandbytes' default leaves it dense); a head tied to the
+        embeddings always stays dense, and true there is an error.
+    storage_dtype: the array type holding the packed codes: uint8, or bfloat16 (the same bytes, four codes per
+        element, as FSDP-QLoRA stores them so a sharded base has one dtype).
+    double_quant: quantise the absmax of each 64-value block to 8 bits in blocks of 256 (QLoRA's double
+        quantisation: 0.127 instead of 0.5 bits per weight).
+    block_size: values per absmax; 64 (bitsandbytes' and QLoRA's) is the one implemented.
+    """
+
+    targets: tuple[str, ...] | str = "all-linear"
+    lm_head: bool = False
+    storage_dtype: Literal["uint8", "bfloat16"] = "uint8"
+    double_quant: bool = True
+    block_size: int = NF4_BLOCK
+
+    def __post_init__(self):
+        targets = self.targets
+        if isinstance(targets, str) and targets != "all-linear":
+            targets = (targets,)
+        if not isinstance(targets, str):
+            targets = tuple(str(t) for t in targets)
+            if not targets:
+                raise ConfigError("quantize.targets: empty; give all-linear or a list of linear projections "
+                                  f"({', '.join(LINEAR_PROJECTIONS)})")
+            for t in targets:
+                name = t.rsplit(".", 1)[-1]
+                if name in NEVER_QUANTIZED or "norm" in name:
+                    raise ConfigError(f"quantize.targets: '{t}' is an embedding or a norm, which stay dense; list "
+                                      f"linear projections only ({', '.join(LINEAR_PROJECTIONS)})")
+                if name == "lm_head":
+                    raise ConfigError("quantize.targets: 'lm_head' is set by quantize.lm_head: true, not in targets")
+                if name not in LINEAR_PROJECTIONS:
+                    raise ConfigError(f"quantize.targets: '{t}' is not a linear projection of a Llama layer; "
+                                      f"choose from {', '.join(LINEAR_PROJECTIONS)} or all-linear")
+        object.__setattr__(self, "targets", targets)
+        if self.block_size != NF4_BLOCK:
+            raise ConfigError(f"quantize.block_size: {self.block_size} is not implemented; NF4 here uses blocks of "
+                              f"{NF4_BLOCK} (bitsandbytes' and QLoRA's), set block_size: {NF4_BLOCK}")
+
+    @property
+    def projections(self) -> tuple[str, ...]:
+        """The projection names quantised in every layer (`targets` with all-linear expanded)."""
+        return LINEAR_PROJECTIONS if self.targets == "all-linear" else tuple(self.targets)
+
+
+@dataclasses.dataclass(frozen=True)
 class TrainConfig:
     """The run config (see the module docstring for the sections).
 
@@ -147,10 +205,20 @@ class TrainConfig:
     eval: EvalSection = EvalSection()
     export: ExportSection = ExportSection()
     parallel: ParallelSection = ParallelSection()
+    quantize: QuantizeSection = QuantizeSection()
 
     @property
     def method_type(self) -> str:
         return str(self.method.get("type", "lora"))
+
+    @property
+    def quantized(self) -> bool:
+        """Whether the base is NF4-quantised (`method.type: qlora`)."""
+        return self.method_type == QLORA
+
+    def quantization(self) -> QuantizeSection | None:
+        """The `quantize` section when the base is quantised (`method.type: qlora`), else None."""
+        return self.quantize if self.quantized else None
 
 
 def method_spec(method: Mapping[str, Any]):
@@ -161,6 +229,15 @@ def method_spec(method: Mapping[str, Any]):
         hint = f"did you mean '{close[0]}'?" if close else f"choose one of {', '.join(METHODS)}"
         raise ConfigError(f"method.type: unknown method '{kind}'; {hint}")
     rest = {k: v for k, v in method.items() if k not in ("type", "init_from")}
+    if kind == QLORA:
+        adapter = rest.pop("adapter", "lora")
+        if adapter not in QLORA_ADAPTERS:
+            raise ConfigError(f"method.adapter: '{adapter}' cannot train over an NF4 base; choose "
+                              f"{' or '.join(QLORA_ADAPTERS)} (rsLoRA: adapter: lora, use_rslora: true)")
+        return peft.spec_from_dict(adapter, rest, "method")
+    if "adapter" in rest:
+        raise ConfigError(f"method.adapter: only method.type: {QLORA} takes an adapter (the method over the "
+                          f"quantised base); remove it or set method.type: {QLORA}")
     if kind == "full":
         if method.get("init_from") is not None:
             raise ConfigError("method.init_from: continues a PEFT adapter, and method.type is full (which would drop "
@@ -186,6 +263,9 @@ def parse_config(raw: Mapping[str, Any], where: str = "config") -> TrainConfig:
     data = data_config_from_dict(raw.pop("data"), "data", known)
     cfg = from_dict(TrainConfig, dict(raw, data=data), "", known)
     method_spec(cfg.method)  # validate now, before any compute
+    if not cfg.quantized and cfg.quantize != QuantizeSection():
+        raise ConfigError(f"quantize: only method.type: {QLORA} quantises the base (method.type is "
+                          f"{cfg.method_type}); remove the quantize section or set method.type: {QLORA}")
     init_from = cfg.method.get("init_from")
     if init_from is not None and not isinstance(init_from, str):
         raise ConfigError("method.init_from: expected a peft adapter directory path")
@@ -215,6 +295,27 @@ def _blame(message: str, path: str, overrides: list[str] | tuple[str, ...]) -> s
         if key == set_key or key.startswith(f"{set_key}.") or set_key.startswith(f"{key}."):
             return f"override '{item}'"
     return path
+
+
+def check_quantize(quantize: QuantizeSection | None, model_config: Any) -> None:
+    """Refuse, before any weight is read, a `quantize` section the model cannot take: `lm_head: true` on a head tied
+    to the embeddings (the table is an embedding too, and stays dense), and input features that are not a multiple
+    of the block size (blocks run along the input axis). `model_config` is a `jaxft.models.LlamaConfig`."""
+    if quantize is None:
+        return
+    if quantize.lm_head and model_config.tie_word_embeddings:
+        raise ConfigError("quantize.lm_head: true, but this model's output head is tied to its embeddings, which "
+                          "stay dense; set quantize.lm_head: false")
+    d_in = {"q_proj": model_config.hidden_size, "k_proj": model_config.hidden_size,
+            "v_proj": model_config.hidden_size, "o_proj": model_config.num_attention_heads * model_config.head_dim,
+            "gate_proj": model_config.hidden_size, "up_proj": model_config.hidden_size,
+            "down_proj": model_config.intermediate_size}
+    if quantize.lm_head:
+        d_in["lm_head"] = model_config.hidden_size
+    for name in (*quantize.projections, *(("lm_head",) if quantize.lm_head else ())):
+        if d_in[name] % quantize.block_size:
+            raise ConfigError(f"quantize.targets: {name} has {d_in[name]} input features, not a multiple of the "
+                              f"NF4 block ({quantize.block_size}); leave it out of quantize.targets")
 
 
 def resolved_dict(cfg: TrainConfig) -> dict[str, Any]:

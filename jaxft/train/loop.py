@@ -31,12 +31,14 @@ import yaml
 from tqdm.auto import tqdm
 
 import jaxft
-from jaxft import peft
+from jaxft import parallel, peft, quant
 from jaxft.data import Batches
 from jaxft.models.llama import ModelOptions
+from jaxft.models.params import logical_axes
 from jaxft.parallel import distributed
+from jaxft.parallel.rules import shard_counts
 from jaxft.train.checkpoint import Checkpointer
-from jaxft.train.config import TrainConfig
+from jaxft.train.config import TrainConfig, check_quantize
 from jaxft.train.scoring import eval_loss, exact_match, generation_prompts
 from jaxft.train.exports import export_all, requested_exports
 from jaxft.train.optim import lr_schedule, make_optimizer, warmup_steps
@@ -142,7 +144,9 @@ def build(prep: Prepared) -> Session:
     if mesh is not None:
         check_run(prep.model_config, spec, cfg.parallel, mesh, cfg.train.batch_size)
     t = time.perf_counter()
-    config, params = jaxft.load_pretrained(cfg.model.path, dtype=cfg.model.param_dtype)
+    check_quantize(cfg.quantization(), prep.model_config)
+    quantize = None if cfg.quantization() is None else quant.QuantPlan.from_section(cfg.quantize)
+    config, params = jaxft.load_pretrained(cfg.model.path, dtype=cfg.model.param_dtype, quantize=quantize)
     init_key, rng = jax.random.split(jax.random.key(cfg.train.seed))
     if spec is None:
         trainable, frozen = jax.tree.map(lambda a: a.astype(jnp.float32), params), None
@@ -152,6 +156,7 @@ def build(prep: Prepared) -> Session:
     else:
         trainable = peft.init(spec, config, params, init_key, tokenizer=prep.tokenizer)
         frozen = params
+    quant.refuse_trainable(trainable, "trainable parameters")
     optimizer = make_optimizer(cfg.optim, trainable, prep.total_steps)
     if spec is not None:
         optimizer = optax.chain(optimizer, peft.mask_updates(peft.trainable_mask(spec, frozen, trainable)))
@@ -162,6 +167,10 @@ def build(prep: Prepared) -> Session:
     opt_state, where = optimizer.init(trainable), None
     if mesh is not None:
         where = placement(mesh, cfg.parallel.rules, config, spec, trainable, frozen, opt_state)
+        if quantize is not None:  # the NF4 fields' axes (codes, absmax, double-quantisation tables)
+            where = dataclasses.replace(where, frozen=parallel.param_shardings(quant.tree_axes(
+                logical_axes(config), frozen, shard_counts(cfg.parallel.rules, mesh)), cfg.parallel.rules,
+                mesh))
         trainable, frozen, opt_state = place_session_trees(where, trainable, frozen, opt_state)
         print(f"mesh: {dict(mesh.shape)} over {mesh.size} devices, rules {cfg.parallel.rules}", flush=True)
     return Session(StaticModel(config, spec, options), trainable, frozen, optimizer, opt_state, rng,

@@ -1,13 +1,15 @@
 """DoRA: `Dora(base, a, b, magnitude, scale, active)`, LoRA's factors plus a trained magnitude per output feature.
 
 Adapter entry: LoRA's `{'lora_a', 'lora_b'}` + `'magnitude': [L, out]`, initialised to the column norms of the base
-(`||W + s B A||` with B zero); untransformed layers keep the base norm and `active` False. peft's file adds
+(`||W + s B A||` with B zero; computed layer by layer, so an NF4 base is dequantised one layer at a time, as the
+forward pass does inside the layer scan); untransformed layers keep the base norm and `active` False. peft's file adds
 `lora_magnitude_vector [out]` (no `.weight`). Merging folds `m / ||W + s a b||` into the weight; unmerging needs those
 norms of the unmerged weight (`dora_norms`), which the merged weight no longer determines.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -17,6 +19,7 @@ from jaxft.peft.protocol import TensorSlot, per_instance, stack_shape
 from jaxft.peft.specs import DoraSpec
 from jaxft.peft.targets import get_path, plan, set_path
 from jaxft.peft.types import Dora
+from jaxft.quant import compute_view
 
 
 class DoraMethod(LowRank):
@@ -26,7 +29,11 @@ class DoraMethod(LowRank):
     use_dora = True
 
     def extra_init(self, mp, node, dtype):
-        norm = jnp.linalg.norm(materialize(node["kernel"]).astype(jnp.float32), axis=-2)
+        # One layer at a time: an NF4 base (QLoRA) is dequantised per layer, never as a whole stack.
+        def col_norm(w):
+            return jnp.linalg.norm(materialize(w).astype(jnp.float32), axis=-2)
+        kernel = compute_view(node["kernel"])
+        norm = jax.lax.map(col_norm, kernel) if mp.module.stacked else col_norm(kernel)
         return {"magnitude": norm.reshape(len(mp.active), mp.module.d_out).astype(dtype)}
 
     def entry_shapes(self, spec, mp):

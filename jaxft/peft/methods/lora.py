@@ -23,6 +23,7 @@ from jaxft.peft.protocol import LinearMethod, TensorSlot, listed, per_instance, 
 from jaxft.peft.specs import LoraSpec
 from jaxft.peft.targets import ModulePlan, plan
 from jaxft.peft.types import Lora
+from jaxft.quant import compute_view
 
 VLLM_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the LoRA ranks vLLM serves
 FIELDS = {"r", "lora_alpha", "lora_dropout", "target_modules", "exclude_modules", "use_rslora", "use_dora",
@@ -40,6 +41,10 @@ class LowRank(LinearMethod):
     mergeable: ClassVar[bool] = True
     weight_delta: ClassVar[bool] = True
     use_dora: ClassVar[bool]
+
+    def bind(self, spec, params, adapter, *, train=False, rng=None):
+        # An NF4 base (QLoRA) enters the step with uint8 codes: bfloat16 storage is bitcast here, outside the scan.
+        return compute_view(super().bind(spec, params, adapter, train=train, rng=rng))
 
     def init_module(self, spec, mp, node, key, dtype):
         n_in, n_out, r = mp.module.d_in, mp.module.d_out, mp.max_rank
