@@ -19,6 +19,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxft.errors import ConfigError, FileFormatError, JaxftError, OutputExistsError, UnsupportedConfigError
+from jaxft.io.bnb_checkpoint import bnb_4bit_config, nf4_leaves, refuse_unconfigured, split_bnb_tensors
 from jaxft.io.convert import TensorEntry, iter_hf_tensors, tensor_table
 from jaxft.io.default import resolve_model_path
 from jaxft.io.files import read_json
@@ -85,10 +86,11 @@ def _host_buffer(shape: tuple[int, ...], dtype: np.dtype, align: int = 64) -> np
     return raw[start:start + n].view(dtype).reshape(shape)
 
 
-def _match(config: LlamaConfig, stored: list[StoredTensor], where: str) -> tuple[dict, dict[str, StoredTensor]]:
-    """Check every name and shape against the config before any data is read; returns the name table and the
-    stored tensor of each name."""
-    table = {e.hf_name: e for e in tensor_table(config)}
+def _match(config: LlamaConfig, stored: list[StoredTensor], where: str, done: frozenset = frozenset()
+           ) -> tuple[dict, dict[str, StoredTensor]]:
+    """Check every name and shape against the config before any data is read; returns the name table (less the
+    leaves in `done`, read elsewhere: the quantised ones) and the stored tensor of each name."""
+    table = {e.hf_name: e for e in tensor_table(config) if e.path not in done}
     found: dict[str, StoredTensor] = {}
     for t in stored:
         e: TensorEntry | None = table.get(t.name)
@@ -96,6 +98,9 @@ def _match(config: LlamaConfig, stored: list[StoredTensor], where: str) -> tuple
             if t.name.endswith(_BENIGN_EXTRA) or (t.name == "lm_head.weight" and config.tie_word_embeddings):
                 continue
             raise FileFormatError(f"{where}: unexpected tensor '{t.name}' for a {config.model_type} model with this config")
+        if t.dtype is not None and t.dtype[0] in "IU":  # safetensors integers: only bitsandbytes' codes
+            raise FileFormatError(f"{where}: tensor '{t.name}' has dtype {t.dtype}; jaxft reads floating weights (a "
+                                  "bitsandbytes checkpoint needs its quantization_config in config.json)")
         if t.shape != e.hf_shape:
             raise FileFormatError(f"{where}: tensor '{t.name}' has shape {t.shape}, the config expects {e.hf_shape}")
         found[t.name] = t
@@ -122,12 +127,15 @@ def _tree(leaves: dict[tuple[str, ...], Any]) -> dict:
     return params
 
 
-def _fill(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dtype, where: str, quantize: Any = None) -> dict:
+def _fill(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dtype, where: str, quantize: Any = None,
+          done: dict[tuple[str, ...], Any] | None = None) -> dict:
     """Check every name and shape against the config, then copy the tensors slab by slab into preallocated leaves
     of the target dtype; return the jax tree (the host buffers become the arrays without a copy on CPU). A leaf
     `quantize.targets(path)` names is built by `quantize.stack(shape, dtype)` one matrix at a time instead (NF4:
-    the host holds its quantised fields plus one dense matrix)."""
-    table, found = _match(config, stored, where)
+    the host holds its quantised fields plus one dense matrix). `done`: leaves already built (the NF4 ones of a
+    bitsandbytes checkpoint), by tree path."""
+    done = done or {}
+    table, found = _match(config, stored, where, frozenset(done))
     buffers: dict[tuple[str, ...], Any] = {}
     for e in table.values():
         if e.path not in buffers:
@@ -143,7 +151,7 @@ def _fill(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dtype, wher
             continue
         dst = buffers[e.path] if e.layer is None else buffers[e.path][e.layer]
         t.copy_into(dst.T if e.transpose else dst)
-    leaves = {}
+    leaves = dict(done)
     for path in list(buffers):
         b = buffers.pop(path)
         leaves[path] = jax.device_put(b, may_alias=True) if isinstance(b, np.ndarray) else b.finish()
@@ -225,12 +233,24 @@ def load_pretrained(path: str, dtype="float32", shardings: Any = None, quantize:
     then built from the blocks this process's devices hold, read straight from the file (see `_fill_sharded`).
     `quantize`: a `jaxft.quant.QuantPlan`; the kernels it targets are quantised to NF4 tensor by tensor as they are
     read (the host peaks near the quantised model plus one dense matrix).
+    A transformers bitsandbytes 4-bit NF4 checkpoint (`quantization_config` in config.json) loads its quantised
+    linear weights as `NF4Tensor` leaves, exactly, without re-quantising (`jaxft.io.bnb_checkpoint`).
     """
     np_dtype = _np_dtype(dtype)
     path = resolve_model_path(path)
     if os.path.isdir(path):
-        config = config_from_hf_file(os.path.join(path, "config.json"))
+        config_file = os.path.join(path, "config.json")
+        config = config_from_hf_file(config_file)
         stored = [t for f in safetensors_files(path) for t in safetensors_tensors(f)]
+        if bnb_4bit_config(read_json(config_file, "an HF model config.json"), config_file) is not None:
+            if shardings is not None:
+                raise UnsupportedConfigError(f"{path}: a bitsandbytes checkpoint loads onto one device; load it "
+                                             "without shardings and place the NF4 leaves afterwards")
+            stored, groups = split_bnb_tensors(stored, path)
+            table = {e.hf_name: e for e in tensor_table(config)}
+            done = nf4_leaves(table, groups, config.num_hidden_layers, np_dtype, path)
+            return config, _fill(config, stored, np_dtype, path, quantize, done=done)
+        refuse_unconfigured(stored, path)
     elif path.endswith(".gguf") and os.path.isfile(path):
         config, stored = gguf_model(path)
     else:

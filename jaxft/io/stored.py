@@ -26,6 +26,10 @@ from jaxft.errors import FileFormatError
 SLAB_BYTES = 16 << 20  # float32 bytes per slab handed to the loader
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16, "F64": np.float64}
+# Integers are read only as bytes: bitsandbytes' packed 4-bit codes (in any quant_storage dtype) and quant states
+# (`jaxft.io.bnb_checkpoint`); the loader refuses them as dense weights.
+_ST_INTEGERS = {"U8": np.uint8, "I8": np.int8, "U16": np.uint16, "I16": np.int16, "U32": np.uint32, "I32": np.int32,
+                "U64": np.uint64, "I64": np.int64}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,7 @@ class StoredTensor:
     nbytes: int
     decode: Callable[[np.ndarray], np.ndarray]
     row_order: np.ndarray | None = None
+    dtype: str | None = None  # the safetensors dtype ("F32", "U8", ...); None for GGUF tensors
 
     @property
     def rows(self) -> int:
@@ -138,11 +143,11 @@ def safetensors_tensors(path: str) -> list[StoredTensor]:
             continue
         if not isinstance(info, dict) or any(k not in info for k in ("dtype", "shape", "data_offsets")):
             raise _corrupt(path, f"header entry '{name}' lacks dtype, shape or data_offsets")
-        if info["dtype"] not in _ST_DTYPES:
+        if info["dtype"] not in _ST_DTYPES and info["dtype"] not in _ST_INTEGERS:
             raise FileFormatError(f"{path}: tensor '{name}' has dtype {info['dtype']}; jaxft reads floating "
                                   f"weights ({', '.join(_ST_DTYPES)}): convert the checkpoint to float")
         try:
-            dtype = np.dtype(_ST_DTYPES[info["dtype"]])
+            dtype = np.dtype({**_ST_DTYPES, **_ST_INTEGERS}[info["dtype"]])
             shape = tuple(int(d) for d in info["shape"])
             start, end = (int(x) for x in info["data_offsets"])
         except (TypeError, ValueError) as e:
@@ -152,5 +157,5 @@ def safetensors_tensors(path: str) -> list[StoredTensor]:
         if base + end > size:
             raise _corrupt(path, f"tensor '{name}' ends at byte {base + end} of a {size}-byte file")
         decode = (lambda raw, dt=dtype.newbyteorder("<"): raw.view(dt))
-        out.append(StoredTensor(name, shape, path, base + start, end - start, decode))
+        out.append(StoredTensor(name, shape, path, base + start, end - start, decode, dtype=info["dtype"]))
     return out

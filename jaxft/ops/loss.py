@@ -199,8 +199,9 @@ def _loss_dense(h_btd, w, t_bt, m_bt, logits_dtype, transposed, chunk):
 
     def body(total, k):
         h_bcd, t_bc, m_bc = (_slice(x, k, chunk) for x in (h_btd, t_bt, m_bt))
-        return total + _chunk_forward(_logits(h_bcd, w, logits_dtype, transposed), t_bc, m_bc, gather=True)[0], None
+        return total + _chunk_forward(_logits(h_bcd, w_cdt, logits_dtype, transposed), t_bc, m_bc, gather=True)[0], None
 
+    w_cdt = w.astype(h_btd.dtype)  # cast once, outside the chunk loop (see _loss_dense_fwd)
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(h_btd.shape[1] // chunk))[0]
 
 
@@ -209,6 +210,8 @@ def _loss_dense_fwd(h_btd, w, t_bt, m_bt, logits_dtype, transposed, chunk):
     want_dh, want_dw = h_btd.perturbed, w.perturbed
     h_btd, w, t_bt, m_bt = h_btd.value, w.value, t_bt.value, m_bt.value
     cdt = h_btd.dtype
+    # One cast for the logits and dh: casting inside the loop as well made XLA gather the FSDP-sharded fp32 head a
+    # second time (Llama-3.1-8B, FSDP 8: +2 GiB fp32 gather +1 GiB bf16 copy per device).
     w_cdt = w.astype(cdt)
     # h is also read as [D, B, T]: XLA:CPU's dot is slower when it contracts the leading axis of both operands
     # (h.T @ G) than on a plain [D, (B, C)] @ [(B, C), V].
@@ -217,7 +220,7 @@ def _loss_dense_fwd(h_btd, w, t_bt, m_bt, logits_dtype, transposed, chunk):
     def body(carry, k):
         dh_btd, dw_dv, total = carry
         h_bcd, t_bc, m_bc = (_slice(x, k, chunk) for x in (h_btd, t_bt, m_bt))
-        loss, exp_bcv, sum_bc1, onehot_bcv = _chunk_forward(_logits(h_bcd, w, logits_dtype, transposed), t_bc,
+        loss, exp_bcv, sum_bc1, onehot_bcv = _chunk_forward(_logits(h_bcd, w_cdt, logits_dtype, transposed), t_bc,
                                                             m_bc, gather=True)
         # d loss / d logits = mask * (softmax - onehot); rounded to the compute dtype for the two matmuls, as
         # autodiff of a bf16 matmul would.

@@ -20,12 +20,14 @@ import jax.numpy as jnp
 import optax
 from jax.sharding import Mesh, NamedSharding
 
-from jaxft import parallel, peft
+from jaxft import parallel, peft, quant
 from jaxft.models.config import LlamaConfig
 from jaxft.models.llama import ModelOptions
 from jaxft.models.params import abstract_params, logical_axes
-from jaxft.train.config import TrainConfig, method_spec
+from jaxft.parallel.rules import shard_counts
+from jaxft.train.config import TrainConfig, check_quantize, method_spec
 from jaxft.train.optim import make_optimizer
+from jaxft.train.sharded import Placement
 from jaxft.train.step import StaticModel, make_train_step
 
 # The optimizer's schedule length does not change any array's shape; a run's real length needs its data.
@@ -60,6 +62,19 @@ def _replicated(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)), tree)
 
 
+def nf4_base(base: Any, plan: quant.QuantPlan) -> Any:
+    """The abstract base with each kernel `plan` targets as the `NF4Tensor` `quant.quantize` makes of it (packed
+    codes, absmax, double-quantisation tables in their storage dtypes): shapes only, nothing computed."""
+    def walk(node: Any, path: tuple[str, ...]) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, (*path, k)) for k, v in node.items()}
+        if not plan.targets(path):
+            return node
+        return jax.eval_shape(lambda w: quant.quantize(w, double_quant=plan.double_quant,
+                                                       storage_dtype=plan.storage_dtype), node)
+    return walk(base, ())
+
+
 def _flat(section: parallel.ParallelSection, n_devices: int) -> parallel.ParallelSection:
     """`section` with its multi-slice (`dcn`) factors folded into one flat mesh of the same axis sizes: the fake
     devices of a plan live in one process, and memory per device depends on the axis sizes only."""
@@ -80,21 +95,28 @@ def abstract_run(cfg: TrainConfig, config: LlamaConfig, devices: Sequence[jax.De
     rules = cfg.parallel.rules
     base = abstract_params(config, jnp.dtype(cfg.model.param_dtype))
     base_axes = logical_axes(config)
+    frozen_shardings = None
     if spec is None:
         trainable = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32), base)
         trainable_axes, frozen = base_axes, None
         parallel.check_mesh(config, mesh, rules, cfg.train.batch_size)
     else:
+        if cfg.quantization() is not None:  # QLoRA: the frozen base in NF4, its fields' axes from the kernels'
+            check_quantize(cfg.quantization(), config)
+            base = nf4_base(base, quant.QuantPlan.from_section(cfg.quantize))
+            base_axes = quant.tree_axes(base_axes, base, shard_counts(rules, mesh))
         trainable = jax.eval_shape(lambda p, k: peft.init(spec, config, p, k), base, jax.random.key(0))
         trainable_axes = peft.logical_axes(spec, config, trainable)
         parallel.check_mesh(config, mesh, rules, cfg.train.batch_size, adapter=(trainable_axes, trainable))
-        frozen = _with(base, parallel.param_shardings(base_axes, rules, mesh))
+        frozen_shardings = parallel.param_shardings(base_axes, rules, mesh)
+        frozen = _with(base, frozen_shardings)
     trainable_shardings = parallel.param_shardings(trainable_axes, rules, mesh)
     optimizer = make_optimizer(cfg.optim, trainable, _PLAN_STEPS)
     if spec is not None:
         optimizer = optax.chain(optimizer, peft.mask_updates(peft.trainable_mask(spec, base, trainable)))
     opt_state = jax.eval_shape(optimizer.init, trainable)
-    opt_state = _with(opt_state, parallel.state_shardings(opt_state, trainable, trainable_shardings, mesh))
+    opt_shardings = parallel.state_shardings(opt_state, trainable, trainable_shardings, mesh)
+    opt_state = _with(opt_state, opt_shardings)
     trainable = _with(trainable, trainable_shardings)
     shape = (cfg.train.grad_accum, cfg.train.batch_size, cfg.data.seq_len)
     rows = parallel.batch_sharding(mesh, row_axis=1)
@@ -105,7 +127,11 @@ def abstract_run(cfg: TrainConfig, config: LlamaConfig, devices: Sequence[jax.De
     options = ModelOptions(dtype=jnp.dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
                            scan_layers=cfg.model.scan_layers)
     model = StaticModel(config, spec, options)
-    return AbstractRun(model, mesh, optimizer, make_train_step(model, optimizer), trainable, opt_state, frozen, batches, rng)
+    # the trainer's own step: on a mesh of several devices it is placed (gradient and head sharding constraints)
+    where = None if mesh.size == 1 else Placement(mesh, trainable_shardings, frozen_shardings, opt_shardings, rows,
+                                                  parallel.replicated(mesh))
+    return AbstractRun(model, mesh, optimizer, make_train_step(model, optimizer, where), trainable, opt_state, frozen,
+                       batches, rng)
 
 
 def shard_bytes(tree: Any) -> int:

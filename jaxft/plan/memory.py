@@ -117,6 +117,9 @@ def rule_of_thumb(cfg: TrainConfig, config: LlamaConfig, mesh: dict[str, int], n
     if cfg.method_type == "full":
         states = 16 * n_params // shards
         formula = "16 B/param (fp32 weights 4 + fp32 gradients 4 + AdamW m, v 8)"
+    elif cfg.quantized:  # NF4: 4 bits + an 8-bit absmax per 64 + an fp32 per 64*256 (double quantisation)
+        states = int(0.5165 * n_params + 16 * n_trainable) // shards
+        formula = "0.52 B/param NF4 base (4-bit codes + double-quantised absmax) + 16 B/trainable param"
     else:
         p = jnp.dtype(cfg.model.param_dtype).itemsize
         states = (p * n_params + 16 * n_trainable) // shards

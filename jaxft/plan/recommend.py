@@ -6,8 +6,8 @@ answer (it is planned, so it is known to fit). The order:
 1. knobs that leave the training math as it is: full remat (recompute each layer in the backward pass), a
    micro-batch of one row per data-parallel group with `grad_accum` raised to keep the global batch, FSDP over all
    devices (parameters, gradients and optimizer state sharded);
-2. the method: full fine-tuning only where it fits, else LoRA r16 on all linear layers with a bfloat16 base; QLoRA
-   (a 4-bit base) is not available in jaxft yet;
+2. the method: full fine-tuning only where it fits, else LoRA r16 on all linear layers with a bfloat16 base, else
+   QLoRA (the same adapter over an NF4 base: codes, absmax and double-quantisation tables counted from the tree);
 3. a smaller LoRA rank (r > 16 -> 16);
 4. a shorter sequence (halved, down to 512 tokens): this changes what is trained on, so it comes last.
 
@@ -82,6 +82,13 @@ def _base_bf16(cfg: TrainConfig, n: int):
     return ["model.param_dtype=bfloat16"], "a bfloat16 frozen base (half the base's bytes)"
 
 
+def _qlora(cfg: TrainConfig, n: int):
+    if cfg.method_type != "lora":
+        return None
+    return (["method.type=qlora", "model.param_dtype=bfloat16"],
+            "QLoRA: the same adapter over an NF4 base (about 0.56 bytes per base weight with double quantisation)")
+
+
 def _rank(cfg: TrainConfig, n: int):
     r = cfg.method.get("r")
     if not isinstance(r, int) or r <= 16:
@@ -96,7 +103,7 @@ def _halve_seq(cfg: TrainConfig, n: int):
     return [f"data.seq_len={t // 2}"], f"sequence length {t} -> {t // 2} (changes the rows trained on: last resort)"
 
 
-STEPS: tuple[Step, ...] = (_remat, _micro_batch, _fsdp, _lora, _base_bf16, _rank, _halve_seq, _halve_seq,
+STEPS: tuple[Step, ...] = (_remat, _micro_batch, _fsdp, _lora, _base_bf16, _qlora, _rank, _halve_seq, _halve_seq,
                            _halve_seq)
 
 
@@ -137,7 +144,7 @@ def recommend(first: MemoryPlan, cfg: TrainConfig, load: Callable[[Sequence[str]
                                   f"{memory / GiB:.2f} GiB per device (planned)", last)
     need = math.ceil(states(cfg) / (0.8 * memory)) if states(cfg) else 0
     why = (f"nothing tried fits ({'; '.join(reasons) or 'no knob left'}; smallest planned total "
-           f"{min(first.total, last.total) / GiB:.2f} GiB per device vs {memory / GiB:.2f} GiB). QLoRA (a 4-bit "
-           "base) is not available in jaxft yet. Use devices with more memory, or more devices with FSDP"
+           f"{min(first.total, last.total) / GiB:.2f} GiB per device vs {memory / GiB:.2f} GiB). Use devices with "
+           "more memory, or more devices with FSDP"
            + (f" (weights and optimizer state alone need about {need} of these devices)" if need > n_devices else ""))
     return Recommendation((), why, None)

@@ -72,6 +72,29 @@ def test_state_bytes_are_the_leaf_sums_and_xla_agrees_one_device():
     assert plan.total == sum(plan.per_device()[k] for k in ("params", "optimizer", "gradients", "activations"))
 
 
+def test_qlora_state_bytes_count_every_nf4_field():
+    """QLoRA (NF4 base, double quantisation, uint8 codes): the planner's parameter bytes are the adapter plus, per
+    quantised [L, in, out] projection, codes L*in/2*out + absmax L*in/64*out (uint8) + nested absmax
+    L*ceil(in*out/64/256)*4 + offset L*4, and the dense embedding and norms; written out here by hand."""
+    cfg, config, spec, base, adapter = _trees([*SMALL, "method.type=qlora"])
+    plan = plan_memory(cfg, config, device_memory=parse_bytes("8GiB"))
+    nbytes = lambda t: sum(math.prod(x.shape) * jnp.dtype(x.dtype).itemsize for x in jax.tree.leaves(t))
+    expected, n_quantised = 0, 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(base)[0]:
+        names = [getattr(k, "key", k) for k in path]
+        if names[-1] == "kernel" and names[-2] in ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                   "down_proj"):
+            layers, k, n = leaf.shape
+            expected += layers * (k // 2 * n + k // 64 * n + math.ceil(k * n / 64 / 256) * 4 + 4)
+            n_quantised += 1
+        else:
+            expected += math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize
+    assert n_quantised == 7
+    assert plan.params == expected + nbytes(adapter)
+    assert plan.gradients == nbytes(adapter) and plan.optimizer == 2 * nbytes(adapter) + 8
+    assert plan.params < nbytes(base) / 2  # the base is quantised (fp32 base: ~7x smaller)
+
+
 def test_state_bytes_per_device_on_4_fake_devices():
     """Shards on a (data 1, fsdp 4, tensor 1) mesh through the CLI (its own process fakes 4 CPU devices)."""
     r = _cli(QUICK, *SMALL, "--devices", "4", "--device-memory", "8GiB", "--json", "--no-recommend")
