@@ -28,6 +28,7 @@ from jaxft.errors import UnsupportedConfigError
 from jaxft.models.config import LlamaConfig
 from jaxft.ops.activations import swiglu
 from jaxft.ops.attention import attention, attention_mask, blocked_causal_attention, causal_block_size
+from jaxft.ops.cache_attention import cache_attention
 from jaxft.ops.linear import Weight, linear
 from jaxft.ops.norms import rms_norm
 from jaxft.ops.rope import apply_rope, rope_tables
@@ -58,7 +59,7 @@ _POLICIES = {
 @dataclasses.dataclass
 class KVCache:
     """Keys/values of every layer for generation: `k, v[L, B, S, K, hd]`, `segment_ids[B, S]` (0 = empty slot or
-    padding), `index`: the next slot to write (a scalar int32 array)."""
+    padding), `index[B]`: each row's next slot to write (int32), so rows fill to different lengths."""
 
     k: jax.Array
     v: jax.Array
@@ -67,10 +68,10 @@ class KVCache:
 
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache of `max_len` slots."""
+    """An empty cache of `max_len` slots per row."""
     shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32),
-                   jnp.zeros((), jnp.int32))
+                   jnp.zeros((batch,), jnp.int32))
 
 
 @jax.tree_util.register_dataclass
@@ -78,10 +79,12 @@ def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32)
 class AttentionInputs:
     """What every layer's attention reads besides its weights, built once per call by `decoder`.
 
-    mask[B, T, S]: causal, same segment, not padding; S = T without a cache, the cache length with one.
-    window_mask[B, T, S]: `mask` within the sliding window (None when no layer has a window).
+    mask[B, T, T]: causal, same segment, not padding, among this call's tokens (the cached slots, when there is a
+    cache, are masked block by block by `cache_attention`).
+    window_mask[B, T, T]: `mask` within the sliding window (None when no layer has a window).
     q_segment_ids[B, T]: the queries' segment ids (prefix keys are visible to non-zero ones).
-    cache_index: scalar int32, the cache slot of this call's first token (None without a cache).
+    cache: the KV cache read by every layer (None without one); its `index[B]` is each row's filled length.
+    cache_bound: int32 scalar, the cache slots to read (the longest filled length among rows with new tokens).
     block (static): the query block size of `blocked_causal_attention`, None for the plain path.
     window (static): the sliding window of a model whose layers all use it (blocked attention then skips the key
     blocks it hides); None when no layer, or only some layers, have one.
@@ -90,7 +93,8 @@ class AttentionInputs:
     mask: jax.Array
     window_mask: jax.Array | None
     q_segment_ids: jax.Array
-    cache_index: jax.Array | None
+    cache: KVCache | None
+    cache_bound: jax.Array | None
     block: int | None = dataclasses.field(default=None, metadata=dict(static=True))
     window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
 
@@ -100,13 +104,12 @@ class AttentionInputs:
 class LayerInputs:
     """Per-layer inputs, stacked on the layer axis like the parameters and sliced by the scan (fields may be None).
 
-    cache_k, cache_v[B, S, K, hd]: this layer's KV cache. prefix_k, prefix_v[B, P, K, hd]: prefix tuning's learned
-    keys/values. window[]: int32, this layer's window for a model whose layers differ (a large number for a full
-    layer), else None.
+    layer_index[]: int32, this layer's index into the KV cache (None without a cache). prefix_k, prefix_v[B, P, K,
+    hd]: prefix tuning's learned keys/values. window[]: int32, this layer's window for a model whose layers differ
+    (a large number for a full layer), else None.
     """
 
-    cache_k: jax.Array | None = None
-    cache_v: jax.Array | None = None
+    layer_index: jax.Array | None = None
     prefix_k: jax.Array | None = None
     prefix_v: jax.Array | None = None
     window: jax.Array | None = None
@@ -132,20 +135,24 @@ def _proj(p: dict, x: jax.Array) -> jax.Array:
 def attention_block(c: LlamaConfig, p: dict, x_btd: jax.Array, cos: jax.Array, sin: jax.Array,
                     inputs: AttentionInputs, layer: LayerInputs) -> tuple[jax.Array, tuple | None]:
     """Self-attention of one layer (`p` = its `self_attn` subtree) on normed `x[B, T, D]` -> `([B, T, D], new_kv)`;
-    `new_kv = (k, v)[B, S, K, hd]` the updated cache when `layer` carries one."""
+    with a cache, `new_kv = (k, v)[B, T, K, hd]`, this call's keys/values for `decoder` to write into it."""
     b, t, _ = x_btd.shape
     q = apply_rope(_proj(p["q_proj"], x_btd).reshape(b, t, c.num_attention_heads, c.head_dim), cos, sin)
     k = apply_rope(_proj(p["k_proj"], x_btd).reshape(b, t, c.num_key_value_heads, c.head_dim), cos, sin)
     v = _proj(p["v_proj"], x_btd).reshape(b, t, c.num_key_value_heads, c.head_dim)
     new_kv = None
-    if layer.cache_k is not None:
-        # Write this step's keys/values into the cache at `cache_index`, then attend over the whole cache.
-        at = (0, inputs.cache_index, 0, 0)
-        k_all = jax.lax.dynamic_update_slice(layer.cache_k, k.astype(layer.cache_k.dtype), at)
-        v_all = jax.lax.dynamic_update_slice(layer.cache_v, v.astype(layer.cache_v.dtype), at)
-        new_kv = (k_all, v_all)
-        k, v = k_all.astype(x_btd.dtype), v_all.astype(x_btd.dtype)
-    if inputs.block and layer.cache_k is None and layer.prefix_k is None:
+    if inputs.cache is not None:
+        # The cache's filled blocks and this call's own keys (`inputs.mask`) in one online softmax; the cache is
+        # written after the layer stack (in place when donated), so it is only read here.
+        cache, window = inputs.cache, inputs.window if layer.window is None else layer.window
+        mask = inputs.mask if window is None else inputs.window_mask
+        if layer.window is not None:  # layers differ: this one's mask by its window
+            mask = jnp.where(layer.window < _NO_WINDOW, inputs.window_mask, inputs.mask)
+        out = cache_attention(q, k, v, mask, inputs.q_segment_ids, cache.k, cache.v, layer.layer_index,
+                              cache.segment_ids, cache.index, inputs.cache_bound, window, layer.prefix_k,
+                              layer.prefix_v)
+        return _proj(p["o_proj"], out), (k, v)
+    if inputs.block and layer.prefix_k is None:
         window = inputs.window if layer.window is None else layer.window
         out = blocked_causal_attention(q, k, v, inputs.mask, inputs.block, merge_heads=True, window=window)
     else:
@@ -223,19 +230,15 @@ def decoder(config: LlamaConfig, params: dict, x_btd: jax.Array, *, positions: j
     cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, c.rope_scaling)
     uniform = len(set(windows)) == 1
     window = c.sliding_window  # the one window size; layers differ only in whether they use it
-    if cache is None:
-        q_index, kv_index, kv_segments = jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.arange(t), segment_ids
-        block, cache_index = causal_block_size(t), None
-    else:
-        s = cache.segment_ids.shape[1]
-        kv_segments = jax.lax.dynamic_update_slice(cache.segment_ids, segment_ids, (0, cache.index))
-        q_index, kv_index = jnp.broadcast_to(cache.index + jnp.arange(t), (b, t)), jnp.arange(s)
-        block, cache_index = None, cache.index
-    mask = attention_mask(segment_ids, kv_segments, q_index, kv_index)
-    window_mask = None if window is None else attention_mask(segment_ids, kv_segments, q_index, kv_index, window)
-    inputs = AttentionInputs(mask, window_mask, segment_ids, cache_index, block, window if uniform else None)
+    q_index, kv_index = jnp.broadcast_to(jnp.arange(t), (b, t)), jnp.arange(t)
+    # With a cache, `mask` covers this call's tokens among themselves; the cached slots are masked block by block.
+    block, bound, advance = (causal_block_size(t), None, None) if cache is None else (None, *_cache_extent(
+        cache, segment_ids))
+    mask = attention_mask(segment_ids, segment_ids, q_index, kv_index)
+    window_mask = None if window is None else attention_mask(segment_ids, segment_ids, q_index, kv_index, window)
+    inputs = AttentionInputs(mask, window_mask, segment_ids, cache, bound, block, window if uniform else None)
     per_layer = LayerInputs(
-        cache_k=None if cache is None else cache.k, cache_v=None if cache is None else cache.v,
+        layer_index=None if cache is None else jnp.arange(c.num_hidden_layers, dtype=jnp.int32),
         prefix_k=None if prefix_kv is None else prefix_kv[0], prefix_v=None if prefix_kv is None else prefix_kv[1],
         window=None if uniform else jnp.asarray([_NO_WINDOW if w is None else w for w in windows], jnp.int32))
 
@@ -257,10 +260,31 @@ def decoder(config: LlamaConfig, params: dict, x_btd: jax.Array, *, positions: j
             outs.append(kv)
         new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
     h = rms_norm(h, params["model"]["norm"]["weight"], c.rms_norm_eps)
-    new_cache = None
-    if cache is not None:
-        new_cache = KVCache(new_kv[0], new_kv[1], kv_segments, cache.index + t)
+    new_cache = None if cache is None else _write_cache(cache, new_kv, segment_ids, advance)
     return h, new_cache
+
+
+def _cache_extent(cache: KVCache, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(bound, advance[B])` of a cached call: the slots the attention reads (the longest filled length among rows
+    with a real token in this call) and how far each row's index moves (through its last real token: left padding
+    is kept, masked; trailing padding is not, so right-padded rows of different lengths need no alignment; a row of
+    all padding is idle: nothing is written and its index stays)."""
+    t = segment_ids.shape[1]
+    advance = jnp.max(jnp.where(segment_ids != 0, jnp.arange(1, t + 1), 0), axis=1).astype(jnp.int32)
+    return jnp.max(jnp.where(advance > 0, cache.index, 0)), advance
+
+
+def _write_cache(cache: KVCache, new_kv: tuple, segment_ids: jax.Array, advance: jax.Array) -> KVCache:
+    """`cache` with this call's keys/values `[L, B, T, K, hd]` written at each row's slots `index..index+T`
+    (slots past the end and idle rows' are dropped), and each index moved by `advance`."""
+    b, t = segment_ids.shape
+    s = cache.segment_ids.shape[1]
+    slots = jnp.where(advance[:, None] > 0, cache.index[:, None] + jnp.arange(t), s)
+    rows = jnp.arange(b)[:, None]
+    k = cache.k.at[:, rows, slots].set(new_kv[0].astype(cache.k.dtype), mode="drop")
+    v = cache.v.at[:, rows, slots].set(new_kv[1].astype(cache.v.dtype), mode="drop")
+    seg = cache.segment_ids.at[rows, slots].set(segment_ids, mode="drop")
+    return KVCache(k, v, seg, cache.index + advance)
 
 
 def _inputs(input_ids, positions, segment_ids):
@@ -305,8 +329,11 @@ def forward_cached(config: LlamaConfig, params: dict, input_ids: jax.Array, cach
                    segment_ids: jax.Array, options: ModelOptions = ModelOptions(), embeds: jax.Array | None = None,
                    prefix_kv: tuple | None = None, adapter_ids: jax.Array | None = None
                    ) -> tuple[jax.Array, KVCache]:
-    """Logits `[B, T, V]` for `input_ids[B, T]` written at slots `cache.index..+T`, and the updated cache.
-    `embeds`, `prefix_kv` and `adapter_ids` as in `forward`."""
+    """Logits `[B, T, V]` for `input_ids[B, T]` written at each row's slots `cache.index[b]..+T`, and the updated
+    cache. A row's index moves through its last non-padding token (`segment_ids` 0 = padding): pad prompts on the
+    right (or on the left, as before); a row of all padding is idle and its cache untouched. Attention reads the
+    cache in blocks up to the longest filled length among the non-idle rows. `embeds`, `prefix_kv` and
+    `adapter_ids` as in `forward`."""
     params = bind_rows(params, adapter_ids)
     x = embed(config, params, input_ids, options.dtype) if embeds is None else embeds.astype(options.dtype)
     h, cache = decoder(config, params, x, positions=positions, segment_ids=segment_ids, options=options, cache=cache,
