@@ -32,6 +32,7 @@ from jaxft.ops.cache_attention import cache_attention
 from jaxft.ops.linear import Weight, linear
 from jaxft.ops.norms import rms_norm
 from jaxft.ops.rope import apply_rope, rope_tables
+from jaxft.ops.rows import bind_rows
 from jaxft.ops.sharding import batch_rows
 
 RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
@@ -296,9 +297,11 @@ def _inputs(input_ids, positions, segment_ids):
 
 def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, positions=None, segment_ids=None,
                   options: ModelOptions = ModelOptions(), embeds: jax.Array | None = None,
-                  prefix_kv: tuple | None = None) -> jax.Array:
+                  prefix_kv: tuple | None = None, adapter_ids: jax.Array | None = None) -> jax.Array:
     """Final hidden states `[B, T, D]` (after the last norm), in `options.dtype`. `embeds[B, T, D]` replaces the
-    token embedding lookup (prompt tuning)."""
+    token embedding lookup (prompt tuning). `adapter_ids[B]`: each row's adapter in a multi-adapter stack
+    (`jaxft.ops.rows`)."""
+    params = bind_rows(params, adapter_ids)
     positions, segment_ids = _inputs(input_ids, positions, segment_ids)
     x = embed(config, params, input_ids, options.dtype) if embeds is None else batch_rows(embeds.astype(options.dtype))
     h, _ = decoder(config, params, x, positions=positions, segment_ids=segment_ids, options=options,
@@ -308,13 +311,15 @@ def hidden_states(config: LlamaConfig, params: dict, input_ids: jax.Array, *, po
 
 def forward(config: LlamaConfig, params: dict, input_ids: jax.Array, *, positions: jax.Array | None = None,
             segment_ids: jax.Array | None = None, options: ModelOptions = ModelOptions(),
-            embeds: jax.Array | None = None, prefix_kv: tuple | None = None) -> jax.Array:
+            embeds: jax.Array | None = None, prefix_kv: tuple | None = None,
+            adapter_ids: jax.Array | None = None) -> jax.Array:
     """Logits `[B, T, V]` (float32) for `input_ids[B, T]`.
 
     positions[B, T]: RoPE positions (default: 0.. within each segment). segment_ids[B, T]: packing ids, a token
     attends only inside its own segment; 0 marks padding (default: all ones). Pad on the right for training, on the
-    left for generation.
+    left for generation. adapter_ids[B]: each row's adapter in a multi-adapter stack (`jaxft.peft.multi`).
     """
+    params = bind_rows(params, adapter_ids)
     h = hidden_states(config, params, input_ids, positions=positions, segment_ids=segment_ids, options=options,
                       embeds=embeds, prefix_kv=prefix_kv)
     return linear(h, head_weight(config, params)).astype(jnp.float32)
@@ -322,12 +327,14 @@ def forward(config: LlamaConfig, params: dict, input_ids: jax.Array, *, position
 
 def forward_cached(config: LlamaConfig, params: dict, input_ids: jax.Array, cache: KVCache, *, positions: jax.Array,
                    segment_ids: jax.Array, options: ModelOptions = ModelOptions(), embeds: jax.Array | None = None,
-                   prefix_kv: tuple | None = None) -> tuple[jax.Array, KVCache]:
+                   prefix_kv: tuple | None = None, adapter_ids: jax.Array | None = None
+                   ) -> tuple[jax.Array, KVCache]:
     """Logits `[B, T, V]` for `input_ids[B, T]` written at each row's slots `cache.index[b]..+T`, and the updated
     cache. A row's index moves through its last non-padding token (`segment_ids` 0 = padding): pad prompts on the
     right (or on the left, as before); a row of all padding is idle and its cache untouched. Attention reads the
-    cache in blocks up to the longest filled length among the non-idle rows. `embeds` and `prefix_kv` as in
-    `forward` (prompt and prefix tuning)."""
+    cache in blocks up to the longest filled length among the non-idle rows. `embeds`, `prefix_kv` and
+    `adapter_ids` as in `forward`."""
+    params = bind_rows(params, adapter_ids)
     x = embed(config, params, input_ids, options.dtype) if embeds is None else embeds.astype(options.dtype)
     h, cache = decoder(config, params, x, positions=positions, segment_ids=segment_ids, options=options, cache=cache,
                        prefix_kv=prefix_kv)
