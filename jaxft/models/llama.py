@@ -38,11 +38,13 @@ RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
-    """How the model runs (not what it is): compute dtype, rematerialisation, layer loop."""
+    """How the model runs (not what it is): compute dtype, rematerialisation, layer loop, and the self-attention
+    path without a cache (`blocked_causal_attention`'s `implementation`: "auto" takes the platform's fused kernel)."""
 
     dtype: Any = jnp.float32
     remat: RematPolicy = "none"
     scan_layers: bool = True
+    attention: str = "auto"
 
 
 # What `ModelOptions.remat` saves of each layer for the backward pass (the rest is recomputed).
@@ -84,6 +86,7 @@ class AttentionInputs:
     block (static): the query block size of `blocked_causal_attention`, None for the plain path.
     window (static): the sliding window of a model whose layers all use it (blocked attention then skips the key
     blocks it hides); None when no layer, or only some layers, have one.
+    attention (static): `ModelOptions.attention`, the implementation of the blocked path.
     """
 
     mask: jax.Array
@@ -92,6 +95,7 @@ class AttentionInputs:
     cache_index: jax.Array | None
     block: int | None = dataclasses.field(default=None, metadata=dict(static=True))
     window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    attention: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -146,7 +150,8 @@ def attention_block(c: LlamaConfig, p: dict, x_btd: jax.Array, cos: jax.Array, s
         k, v = k_all.astype(x_btd.dtype), v_all.astype(x_btd.dtype)
     if inputs.block and layer.cache_k is None and layer.prefix_k is None:
         window = inputs.window if layer.window is None else layer.window
-        out = blocked_causal_attention(q, k, v, inputs.mask, inputs.block, merge_heads=True, window=window)
+        out = blocked_causal_attention(q, k, v, inputs.mask, inputs.block, merge_heads=True, window=window,
+                                       segment_ids=inputs.q_segment_ids, implementation=inputs.attention)
     else:
         mask = inputs.mask
         if layer.window is not None:  # layers differ: this one's mask by its window
@@ -232,7 +237,8 @@ def decoder(config: LlamaConfig, params: dict, x_btd: jax.Array, *, positions: j
         block, cache_index = None, cache.index
     mask = attention_mask(segment_ids, kv_segments, q_index, kv_index)
     window_mask = None if window is None else attention_mask(segment_ids, kv_segments, q_index, kv_index, window)
-    inputs = AttentionInputs(mask, window_mask, segment_ids, cache_index, block, window if uniform else None)
+    inputs = AttentionInputs(mask, window_mask, segment_ids, cache_index, block, window if uniform else None,
+                             options.attention)
     per_layer = LayerInputs(
         cache_k=None if cache is None else cache.k, cache_v=None if cache is None else cache.v,
         prefix_k=None if prefix_kv is None else prefix_kv[0], prefix_v=None if prefix_kv is None else prefix_kv[1],

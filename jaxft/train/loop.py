@@ -33,7 +33,6 @@ from tqdm.auto import tqdm
 import jaxft
 from jaxft import peft
 from jaxft.data import Batches
-from jaxft.models.llama import ModelOptions
 from jaxft.parallel import distributed
 from jaxft.train.checkpoint import Checkpointer
 from jaxft.train.config import TrainConfig
@@ -136,8 +135,7 @@ def build(prep: Prepared) -> Session:
     `parallel` is checked against the model and the batch before any weight is read, and the trees are placed on
     it."""
     cfg, spec = prep.cfg, prep.spec
-    options = ModelOptions(dtype=jnp.dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
-                           scan_layers=cfg.model.scan_layers)
+    options = cfg.model.options()  # after jax.distributed: it asks the platform (compute_dtype auto)
     mesh = run_mesh(cfg.parallel)
     if mesh is not None:
         check_run(prep.model_config, spec, cfg.parallel, mesh, cfg.train.batch_size)
