@@ -2,7 +2,9 @@
 
 Splash attention (`jax.experimental.pallas.ops.tpu.splash_attention`) takes a static mask (causal, local), segment
 ids, and skips the blocks the static mask hides entirely (half the work at long lengths; all but `T * window` with a
-window). Its kernel is built per mask shape, so `_kernel` caches one per (length, group size, window, blocks).
+window). Its kernel is built in each trace that calls it (splash caches the block-sparse mask tables itself): a
+kernel kept from an earlier trace carries that trace's constant arrays, and `jax.export` of a second step holding
+it fails ("Too many leaves for PyTreeDef").
 Grouped-query attention runs the MQA form of the kernel (one KV head shared by the G query heads of a group) under
 `vmap` over the KV heads and the batch, so K and V are never repeated per query head.
 
@@ -13,7 +15,6 @@ and gradient are the same.
 
 from __future__ import annotations
 
-import functools
 
 import jax
 import jax.numpy as jnp
@@ -39,7 +40,6 @@ def supported(t: int) -> bool:
     return t % TILE == 0
 
 
-@functools.lru_cache(maxsize=32)
 def _kernel(t: int, group: int, window: int | None, block: int, interpret: bool):
     """The MQA splash kernel for `group` query heads over one KV head: causal, or local `(window - 1, 0)`."""
     if window is None:

@@ -40,11 +40,13 @@ RematPolicy = Literal["none", "full", "dots", "dots_no_batch"]
 
 @dataclasses.dataclass(frozen=True)
 class ModelOptions:
-    """How the model runs (not what it is): compute dtype, rematerialisation, layer loop."""
+    """How the model runs (not what it is): compute dtype, rematerialisation, layer loop, and the self-attention
+    path without a cache (`blocked_causal_attention`'s `implementation`: "auto" takes the platform's fused kernel)."""
 
     dtype: Any = jnp.float32
     remat: RematPolicy = "none"
     scan_layers: bool = True
+    attention: str = "auto"
 
 
 # What `ModelOptions.remat` saves of each layer for the backward pass (the rest is recomputed).
@@ -88,6 +90,7 @@ class AttentionInputs:
     block (static): the query block size of `blocked_causal_attention`, None for the plain path.
     window (static): the sliding window of a model whose layers all use it (blocked attention then skips the key
     blocks it hides); None when no layer, or only some layers, have one.
+    attention (static): `ModelOptions.attention`, the implementation of the blocked path.
     """
 
     mask: jax.Array
@@ -97,6 +100,7 @@ class AttentionInputs:
     cache_bound: jax.Array | None
     block: int | None = dataclasses.field(default=None, metadata=dict(static=True))
     window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
+    attention: str = dataclasses.field(default="auto", metadata=dict(static=True))
 
 
 @jax.tree_util.register_dataclass
@@ -154,7 +158,8 @@ def attention_block(c: LlamaConfig, p: dict, x_btd: jax.Array, cos: jax.Array, s
         return _proj(p["o_proj"], out), (k, v)
     if inputs.block and layer.prefix_k is None:
         window = inputs.window if layer.window is None else layer.window
-        out = blocked_causal_attention(q, k, v, inputs.mask, inputs.block, merge_heads=True, window=window)
+        out = blocked_causal_attention(q, k, v, inputs.mask, inputs.block, merge_heads=True, window=window,
+                                       segment_ids=inputs.q_segment_ids, implementation=inputs.attention)
     else:
         mask = inputs.mask
         if layer.window is not None:  # layers differ: this one's mask by its window
@@ -236,7 +241,8 @@ def decoder(config: LlamaConfig, params: dict, x_btd: jax.Array, *, positions: j
         cache, segment_ids))
     mask = attention_mask(segment_ids, segment_ids, q_index, kv_index)
     window_mask = None if window is None else attention_mask(segment_ids, segment_ids, q_index, kv_index, window)
-    inputs = AttentionInputs(mask, window_mask, segment_ids, cache, bound, block, window if uniform else None)
+    inputs = AttentionInputs(mask, window_mask, segment_ids, cache, bound, block, window if uniform else None,
+                             options.attention)
     per_layer = LayerInputs(
         layer_index=None if cache is None else jnp.arange(c.num_hidden_layers, dtype=jnp.int32),
         prefix_k=None if prefix_kv is None else prefix_kv[0], prefix_v=None if prefix_kv is None else prefix_kv[1],

@@ -22,7 +22,6 @@ from jax.sharding import Mesh, NamedSharding
 
 from jaxft import parallel, peft, quant
 from jaxft.models.config import LlamaConfig
-from jaxft.models.llama import ModelOptions
 from jaxft.models.params import abstract_params, logical_axes
 from jaxft.parallel.rules import shard_counts
 from jaxft.train.config import TrainConfig, check_quantize, method_spec
@@ -124,8 +123,7 @@ def abstract_run(cfg: TrainConfig, config: LlamaConfig, devices: Sequence[jax.De
                for k in ("input_ids", "segment_ids", "positions")}
     batches["loss_mask"] = jax.ShapeDtypeStruct(shape, jnp.bool_, sharding=rows)
     rng = _replicated(jax.eval_shape(lambda: jax.random.key(0)), mesh)
-    options = ModelOptions(dtype=jnp.dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
-                           scan_layers=cfg.model.scan_layers)
+    options = cfg.model.options()  # compute_dtype auto: this host's platform (`train --plan` passes the run's)
     model = StaticModel(config, spec, options)
     # the trainer's own step: on a mesh of several devices it is placed (gradient and head sharding constraints)
     where = None if mesh.size == 1 else Placement(mesh, trainable_shardings, frozen_shardings, opt_shardings, rows,

@@ -110,7 +110,7 @@ def rule_of_thumb(cfg: TrainConfig, config: LlamaConfig, mesh: dict[str, int], n
     shard parameters (all but the `data` axis; `rules: data` replicates them), plus under full remat the saved
     input of each layer (L x rows per device x T x D x compute bytes); the other activations are left out."""
     shards = 1 if cfg.parallel.rules == "data" else math.prod(mesh.values()) // mesh.get("data", 1)
-    c = jnp.dtype(cfg.model.compute_dtype).itemsize
+    c = jnp.dtype(cfg.model.resolved_compute_dtype()).itemsize
     rows = max(1, cfg.train.batch_size // (mesh.get("data", 1) * mesh.get("fsdp", 1)))
     saved = (config.num_hidden_layers * rows * cfg.data.seq_len * config.hidden_size * c
              if cfg.model.remat == "full" else 0)

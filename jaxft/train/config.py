@@ -14,8 +14,12 @@ import difflib
 import re
 from typing import Any, Literal, Mapping
 
+import jax
+import jax.numpy as jnp
+
 from jaxft import peft
 from jaxft.data.config import DataConfig, data_config_from_dict
+from jaxft.models.llama import ModelOptions
 from jaxft.parallel.config import ParallelSection
 from jaxft.schema import ConfigError, apply_overrides, describe, from_dict, load_yaml, to_dict
 from jaxft.train.optim import OptimConfig
@@ -32,14 +36,32 @@ NF4_BLOCK = 64
 @dataclasses.dataclass(frozen=True)
 class ModelSection:
     """path: HF model directory, .gguf file, or `smollm2-135m-instruct`. param_dtype: the dtype the weights are
-    stored in (the trainable master copy is always float32). compute_dtype: the dtype of activations and matmuls.
-    remat: rematerialisation policy per layer. scan_layers: run layers under lax.scan (fast compile) or unrolled."""
+    stored in (the trainable master copy is always float32). compute_dtype: the dtype of activations and matmuls
+    (`auto`: bfloat16 on GPU and TPU, float32 on CPU, whose XLA backend has no fast bfloat16 matmul).
+    remat: rematerialisation policy per layer. scan_layers: run layers under lax.scan (fast compile) or unrolled.
+    attention: the self-attention of training and evaluation: `auto` (splash attention on TPU and jaxft's Triton
+    flash attention on GPU where the sequence length is a multiple of 128, else `xla`), `xla` (blocked attention,
+    every platform), `splash` or `flash` (that kernel; on another platform in Pallas interpret mode, for tests)."""
 
     path: str = "smollm2-135m-instruct"
     param_dtype: Literal["float32", "bfloat16"] = "float32"
-    compute_dtype: Literal["float32", "bfloat16"] = "float32"
+    compute_dtype: Literal["auto", "float32", "bfloat16"] = "auto"
     remat: Literal["none", "full", "dots", "dots_no_batch"] = "none"
     scan_layers: bool = True
+    attention: Literal["auto", "xla", "splash", "flash"] = "auto"
+
+    def resolved_compute_dtype(self, platform: str | None = None) -> str:
+        """`compute_dtype` on `platform` ("cpu", "gpu", "tpu"; default: jax's default backend, so call it after
+        `jax.distributed` starts): `auto` is "bfloat16" on accelerators, "float32" on CPU."""
+        if self.compute_dtype != "auto":
+            return self.compute_dtype
+        platform = jax.default_backend() if platform is None else platform
+        return "float32" if platform == "cpu" else "bfloat16"
+
+    def options(self, platform: str | None = None) -> ModelOptions:
+        """The `ModelOptions` this section runs the model with on `platform` (see `resolved_compute_dtype`)."""
+        return ModelOptions(dtype=jnp.dtype(self.resolved_compute_dtype(platform)), remat=self.remat,
+                            scan_layers=self.scan_layers, attention=self.attention)
 
 
 @dataclasses.dataclass(frozen=True)

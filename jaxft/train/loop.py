@@ -33,8 +33,7 @@ from tqdm.auto import tqdm
 import jaxft
 from jaxft import parallel, peft, quant
 from jaxft.data import Batches
-from jaxft.models.llama import ModelOptions
-from jaxft.models.params import logical_axes
+from jaxft.models.params import abstract_params, logical_axes
 from jaxft.parallel import distributed
 from jaxft.parallel.rules import shard_counts
 from jaxft.train.checkpoint import Checkpointer
@@ -44,7 +43,7 @@ from jaxft.train.exports import export_all, requested_exports
 from jaxft.train.optim import lr_schedule, make_optimizer, warmup_steps
 from jaxft.train.preflight import Prepared, check_output_dir, prepare, saved_config
 from jaxft.train.report import MetricsWriter, format_summary, plot_curves
-from jaxft.train.sharded import Placement, check_run, place_session_trees, placement, run_mesh
+from jaxft.train.sharded import Placement, check_run, place_session_trees, placement, put_replicated, run_mesh
 from jaxft.train.signals import StopSignal
 from jaxft.train.step import StaticModel, count_params, make_eval_step, make_train_step
 
@@ -64,11 +63,17 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _stack(batches: list[dict], sharding: Any = None) -> dict:
-    """Micro-batches stacked `[accum, rows, time]`; on a mesh, put straight from host memory onto their sharding."""
-    if sharding is not None:
-        return {k: jax.device_put(np.stack([b[k] for b in batches]), sharding) for k in batches[0]}
-    return {k: jnp.asarray(np.stack([b[k] for b in batches])) for k in batches[0]}
+def _next_batches(batches: Batches, accum: int, sharding: Any = None) -> dict:
+    """The next `accum` micro-batches stacked `[accum, rows, time]`. On a mesh each process builds only the rows
+    its devices hold (`distributed.process_rows`) and the global arrays are assembled from every process's share
+    (`jax.make_array_from_process_local_data`); all processes advance the same global position."""
+    if sharding is None:
+        micro = [next(batches) for _ in range(accum)]
+        return {k: jnp.asarray(np.stack([b[k] for b in micro])) for k in micro[0]}
+    shape = (accum, batches.batch_size, batches.seq_len)
+    share = distributed.process_rows(sharding, shape, axis=1)
+    micro = [batches.next_share(share) for _ in range(accum)]
+    return distributed.global_batch({k: np.stack([b[k] for b in micro]) for k in micro[0]}, sharding, shape)
 
 
 def _new_progress() -> dict[str, Any]:
@@ -135,43 +140,70 @@ class Session:
 def build(prep: Prepared) -> Session:
     """Load the weights and build the trainable tree (a fresh adapter, the one of `method.init_from`, or a float32
     copy of the weights for full fine-tuning), the optimizer and its state. With more than one device, the mesh of
-    `parallel` is checked against the model and the batch before any weight is read, and the trees are placed on
-    it."""
+    `parallel` is checked against the model and the batch before any weight is read, the shardings are derived from
+    the abstract trees, and each process reads only the slabs of the weights its devices hold (multi-host: no
+    process holds the whole model)."""
     cfg, spec = prep.cfg, prep.spec
-    options = ModelOptions(dtype=jnp.dtype(cfg.model.compute_dtype), remat=cfg.model.remat,
-                           scan_layers=cfg.model.scan_layers)
+    options = cfg.model.options()  # after jax.distributed: it asks the platform (compute_dtype auto)
     mesh = run_mesh(cfg.parallel)
     if mesh is not None:
         check_run(prep.model_config, spec, cfg.parallel, mesh, cfg.train.batch_size)
     t = time.perf_counter()
     check_quantize(cfg.quantization(), prep.model_config)
     quantize = None if cfg.quantization() is None else quant.QuantPlan.from_section(cfg.quantize)
-    config, params = jaxft.load_pretrained(cfg.model.path, dtype=cfg.model.param_dtype, quantize=quantize)
+    config = prep.model_config
     init_key, rng = jax.random.split(jax.random.key(cfg.train.seed))
-    if spec is None:
-        trainable, frozen = jax.tree.map(lambda a: a.astype(jnp.float32), params), None
-    elif cfg.method.get("init_from"):
-        spec, trainable = peft.load_adapter(cfg.method["init_from"], config)
-        frozen = params
+    adapter = None
+    if spec is not None and cfg.method.get("init_from"):
+        spec, adapter = peft.load_adapter(cfg.method["init_from"], config)
+
+    def make_trainable(params):
+        if spec is None:
+            return jax.tree.map(lambda a: a.astype(jnp.float32), params)
+        if adapter is not None:
+            return adapter
+        return peft.init(spec, config, params, init_key, tokenizer=prep.tokenizer)
+
+    def make_opt(trainable, frozen):
+        optimizer = make_optimizer(cfg.optim, trainable, prep.total_steps)
+        if spec is not None:
+            optimizer = optax.chain(optimizer, peft.mask_updates(peft.trainable_mask(spec, frozen, trainable)))
+        return optimizer
+
+    where = None
+    if mesh is None or quantize is not None:
+        # One device, or a quantised base (each process quantises the whole base while loading, then keeps its part)
+        config, params = jaxft.load_pretrained(cfg.model.path, dtype=cfg.model.param_dtype, quantize=quantize)
+        trainable = make_trainable(params)
+        frozen = None if spec is None else params
+        quant.refuse_trainable(trainable, "trainable parameters")
+        optimizer = make_opt(trainable, frozen)
+        opt_state = optimizer.init(trainable)
+        if mesh is not None:  # the NF4 fields' axes (codes, absmax, double-quantisation tables)
+            where = placement(mesh, cfg.parallel.rules, config, spec, trainable, frozen, opt_state)
+            where = dataclasses.replace(where, frozen=parallel.param_shardings(quant.tree_axes(
+                logical_axes(config), frozen, shard_counts(cfg.parallel.rules, mesh)), cfg.parallel.rules, mesh))
+            trainable, frozen, opt_state = place_session_trees(where, trainable, frozen, opt_state)
+            rng = put_replicated(rng, where)
     else:
-        trainable = peft.init(spec, config, params, init_key, tokenizer=prep.tokenizer)
-        frozen = params
-    quant.refuse_trainable(trainable, "trainable parameters")
-    optimizer = make_optimizer(cfg.optim, trainable, prep.total_steps)
-    if spec is not None:
-        optimizer = optax.chain(optimizer, peft.mask_updates(peft.trainable_mask(spec, frozen, trainable)))
+        # shardings first, from shapes alone; then each process reads its slabs straight onto its devices
+        base = abstract_params(config, jnp.dtype(cfg.model.param_dtype))
+        abstract = jax.eval_shape(make_trainable, base)
+        optimizer = make_opt(abstract, None if spec is None else base)
+        where = placement(mesh, cfg.parallel.rules, config, spec, abstract, None if spec is None else base,
+                          jax.eval_shape(optimizer.init, abstract))
+        _, params = jaxft.load_pretrained(cfg.model.path, dtype=cfg.model.param_dtype,
+                                          shardings=where.trainable if spec is None else where.frozen)
+        frozen = None if spec is None else params
+        trainable = make_trainable(params)
+        trainable, frozen, opt_state = place_session_trees(where, trainable, frozen, optimizer.init(trainable))
+        rng = put_replicated(rng, where)
     n_trainable = count_params(trainable)
     n_total = count_params(params) + (0 if spec is None else n_trainable)
+    del params
     print(f"model: {cfg.model.path} loaded, {n_trainable:,} of {n_total:,} parameters trainable "
           f"({time.perf_counter() - t:.0f} s)", flush=True)
-    opt_state, where = optimizer.init(trainable), None
     if mesh is not None:
-        where = placement(mesh, cfg.parallel.rules, config, spec, trainable, frozen, opt_state)
-        if quantize is not None:  # the NF4 fields' axes (codes, absmax, double-quantisation tables)
-            where = dataclasses.replace(where, frozen=parallel.param_shardings(quant.tree_axes(
-                logical_axes(config), frozen, shard_counts(cfg.parallel.rules, mesh)), cfg.parallel.rules,
-                mesh))
-        trainable, frozen, opt_state = place_session_trees(where, trainable, frozen, opt_state)
         print(f"mesh: {dict(mesh.shape)} over {mesh.size} devices, rules {cfg.parallel.rules}", flush=True)
     return Session(StaticModel(config, spec, options), trainable, frozen, optimizer, opt_state, rng,
                    prep.data.train_batches(cfg.train.batch_size, cfg.train.seed), n_trainable, n_total,
@@ -292,11 +324,10 @@ def train(prep: Prepared, session: Session) -> TrainResult:
     with StopSignal() as stop:
         while session.step < total_steps:
             step = session.step
-            micro = [next(session.batches) for _ in range(cfg.train.grad_accum)]
+            batch = _next_batches(session.batches, cfg.train.grad_accum, session.placement and session.placement.batch)
             t = time.perf_counter()
             new_trainable, new_opt, m = session.train_step(
-                session.trainable, session.opt_state, session.frozen,
-                _stack(micro, session.placement and session.placement.batch), jax.random.fold_in(session.rng, step))
+                session.trainable, session.opt_state, session.frozen, batch, jax.random.fold_in(session.rng, step))
             loss = float(m["loss"])
             dt = time.perf_counter() - t
             # diverging: the running average of the loss has risen far above its lowest value (by a factor and by

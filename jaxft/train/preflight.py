@@ -111,6 +111,9 @@ def check_output_dir(cfg: TrainConfig) -> bool:
     for d in (before, now):
         for key in _REEXPORTABLE:
             (d.get("export") or {}).pop(key, None)
+        model = d.get("model") or {}
+        if model.get("compute_dtype") == "auto":  # compare what runs here (a run saved before `auto` says float32)
+            model["compute_dtype"] = cfg.model.resolved_compute_dtype()
     diff = _first_difference(before, now)
     if diff:
         raise ConfigError(f"output_dir {out}: holds another run (config differs at {diff}); choose another "

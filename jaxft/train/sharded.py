@@ -18,6 +18,7 @@ from jax.sharding import Mesh, NamedSharding
 from jaxft import parallel, peft
 from jaxft.models.config import LlamaConfig
 from jaxft.models.params import abstract_params, logical_axes
+from jaxft.parallel import distributed
 from jaxft.parallel.config import ParallelSection
 
 
@@ -67,10 +68,34 @@ def placement(mesh: Mesh, rules: Any, config: LlamaConfig, spec: Any, trainable:
                      parallel.replicated(mesh))
 
 
+def _place(tree: Any, shardings: Any) -> Any:
+    """`tree` on `shardings` as fresh buffers. A leaf that is already a global array (it spans processes, e.g.
+    read slab by slab or computed from such arrays) is re-placed by `jax.device_put`; any other leaf (host data,
+    an array on one local device, the same on every process: an adapter's init, optax's step count) is built
+    shard by shard from its host value, which works under several processes where `device_put` does not."""
+    def one(x, s):
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:
+            return jax.device_put(x, s, may_alias=False)
+        if jax.process_count() > 1:
+            return distributed.put_global(x, s)
+        return jax.device_put(x, s, may_alias=False)
+
+    return jax.tree.map(one, tree, shardings)
+
+
 def place_session_trees(p: Placement, trainable: Any, frozen: Any, opt_state: Any) -> tuple[Any, Any, Any]:
     """`(trainable, frozen, opt_state)` on the mesh. The trees a step donates (trainable, optimizer state) are
-    fresh buffers, never aliases of the caller's arrays; the frozen base is not donated and may share them."""
-    trainable = parallel.place(trainable, p.trainable)
-    opt_state = parallel.place(opt_state, p.opt_state)
-    frozen = None if frozen is None else jax.device_put(frozen, p.frozen)
+    fresh buffers, never aliases of the caller's arrays; the frozen base is not donated and may share them (it is
+    left as it is when it already has its shardings: loaded slab by slab)."""
+    trainable = _place(trainable, p.trainable)
+    opt_state = _place(opt_state, p.opt_state)
+    if frozen is not None and any(x.sharding != s for x, s in zip(jax.tree.leaves(frozen),
+                                                                  jax.tree.leaves(p.frozen))):
+        frozen = jax.device_put(frozen, p.frozen)
     return trainable, frozen, opt_state
+
+
+def put_replicated(key: jax.Array, p: Placement) -> jax.Array:
+    """A PRNG key made the same on every process, as one array replicated over the mesh."""
+    data = jax.random.key_data(key)
+    return jax.random.wrap_key_data(_place(data, p.replicated), impl=jax.random.key_impl(key))

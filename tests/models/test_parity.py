@@ -151,7 +151,7 @@ def bf16_block_errors(model, config, params, seed: int = 0, bug=None) -> dict[st
     pos = jnp.broadcast_to(jnp.arange(t), (b, t))
     seg = jnp.ones((b, t), jnp.int32)
     cos, sin = rope_tables(pos, config.head_dim, config.rope_theta, config.rope_scaling)
-    inputs = llama.AttentionInputs(attention_mask(seg, seg, pos, jnp.arange(t)), None, seg, None)
+    inputs = llama.AttentionInputs(attention_mask(seg, seg, pos, jnp.arange(t)), None, seg, None, None)
     causal = torch.full((t, t), torch.finfo(torch.float32).min).triu(1)[None, None].expand(b, 1, t, t)
     rope = model.model.rotary_emb(x32, torch.arange(t)[None].expand(b, t))
 

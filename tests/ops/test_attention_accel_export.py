@@ -19,10 +19,15 @@ from jax.sharding import AbstractDevice, AbstractMesh, AxisType
 from jaxft import peft
 from jaxft.models.config import LlamaConfig
 from jaxft.models.llama import ModelOptions
+from jaxft.models.llama import forward
 from jaxft.models.params import init_params
 from jaxft.ops.attention import attention_platform, blocked_causal_attention, choose_implementation
+from jaxft.train.config import ModelSection
 from jaxft.train.step import StaticModel, make_train_step
 
+# The model's logits with `attention: flash` (interpret mode) vs the XLA path on real tokens, max |diff| / max |logit|:
+# measured 6.4e-7 at most over 4 seeds (float32); 2e-6 is a 3.1x margin.
+MODEL_TOL = 2e-6
 TRITON = jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")
 TARGETS = {
     "tpu": (AbstractDevice(device_kind="TPU v5 lite", num_cores=1, platform="tpu"), "tpu_custom_call", []),
@@ -42,10 +47,11 @@ def _tiny(window: int | None) -> LlamaConfig:
                        num_attention_heads=4, num_key_value_heads=2, head_dim=64, sliding_window=window)
 
 
-def _export_step(platform: str, config: LlamaConfig, t: int):
-    """Export a LoRA (all-linear) bf16 train step of `config` on `[1, 2, t]` batches for `platform`: MLIR text."""
-    model = StaticModel(config, peft.LoraSpec(r=8, alpha=16, target_modules="all-linear"),
-                        ModelOptions(dtype=jnp.bfloat16, remat="full"))
+def _export_step(platform: str, config: LlamaConfig, t: int, options: ModelOptions | None = None):
+    """Export a LoRA (all-linear) train step of `config` on `[1, 2, t]` batches for `platform` (default options:
+    bf16, full remat, attention auto): MLIR text."""
+    options = ModelOptions(dtype=jnp.bfloat16, remat="full") if options is None else options
+    model = StaticModel(config, peft.LoraSpec(r=8, alpha=16, target_modules="all-linear"), options)
     frozen = jax.eval_shape(lambda: init_params(config, jax.random.key(0), jnp.bfloat16))
     trainable = jax.eval_shape(lambda p: peft.init(model.spec, config, p, jax.random.key(1)), frozen)
     optimizer = optax.adamw(1e-4)
@@ -70,6 +76,47 @@ def test_train_step_lowers_with_fused_attention(platform, window):
     text = _export_step(platform, _tiny(window), 256)
     marker = TARGETS[platform][1]
     assert text.count(marker) >= 3, text.count(marker)
+
+
+@pytest.mark.parametrize("platform,attention", [("tpu", "splash"), ("cuda", "flash")])
+def test_config_attention_reaches_the_train_step(platform, attention):
+    """`model.attention: splash` (`flash`) with `compute_dtype: auto` in a run's config: the options the trainer
+    builds (`ModelSection.options`) are bf16 on the target, and the whole LoRA train step through the model lowers
+    for it with the named kernel in the layer scan."""
+    section = ModelSection(attention=attention, remat="full")
+    options = section.options(platform="tpu" if platform == "tpu" else "gpu")
+    assert options.dtype == jnp.bfloat16 and options.attention == attention
+    text = _export_step(platform, _tiny(96), 256, options)
+    assert text.count(TARGETS[platform][1]) >= 3, text.count(TARGETS[platform][1])
+
+
+def _packed_batch(t: int, vocab: int):
+    """`[2, t]` ids and segment ids: row 0 two packed segments then right padding, row 1 left padding then one."""
+    ids = jax.random.randint(jax.random.key(7), (2, t), 1, vocab)
+    seg = jnp.array([[1] * 50 + [2] * 60 + [0] * (t - 110), [0] * 20 + [1] * (t - 20)], jnp.int32)
+    return ids, seg
+
+
+def test_cpu_model_defaults_to_xla_and_a_named_kernel_reaches_the_model():
+    """On this CPU the trainer's default options are float32 with the blocked XLA attention (no Pallas kernel in
+    the model's program); `attention: flash` puts the kernel in the model (Pallas interpret mode here) and its
+    logits on packed and padded rows equal the XLA path's on every real token."""
+    options = ModelSection().options()
+    assert options.dtype == jnp.float32 and options.attention == "auto"
+    config = _tiny(None)
+    params = init_params(config, jax.random.key(0), jnp.float32)
+    ids, seg = _packed_batch(128, config.vocab_size)
+
+    def logits(attention):
+        opts = ModelOptions(attention=attention, scan_layers=False)
+        return jax.jit(lambda p, i, s: forward(config, p, i, segment_ids=s, options=opts))
+
+    assert "pallas_call" not in str(jax.make_jaxpr(logits("auto"))(params, ids, seg))
+    assert "pallas_call" in str(jax.make_jaxpr(logits("flash"))(params, ids, seg))
+    want, got = logits("xla")(params, ids, seg), logits("flash")(params, ids, seg)
+    real = (seg != 0)[:, :, None]
+    err = float(jnp.max(jnp.where(real, jnp.abs(got - want), 0)) / jnp.max(jnp.abs(want)))
+    assert err <= MODEL_TOL, err
 
 
 def test_cpu_keeps_the_xla_path():

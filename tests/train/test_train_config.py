@@ -66,3 +66,18 @@ def test_run_saved_before_new_keys_is_the_same_run(tmp_path):
     (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
     with pytest.raises(ConfigError, match="optim.lr"):
         check_output_dir(cfg)
+
+
+def test_run_saved_before_compute_dtype_auto_is_the_same_run(tmp_path):
+    """A run saved when `model.compute_dtype` defaulted to float32 resumes under today's default `auto` on this CPU
+    (auto is float32 here); bfloat16 saved is another run."""
+    cfg = load_config("configs/quickstart.yaml", [f"output_dir={tmp_path}"])
+    assert cfg.model.compute_dtype == "auto"
+    old = saved_config(cfg)
+    old["model"]["compute_dtype"] = "float32"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    assert check_output_dir(cfg) is True
+    old["model"]["compute_dtype"] = "bfloat16"
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match="model.compute_dtype"):
+        check_output_dir(cfg)
