@@ -39,6 +39,7 @@ def adapter_dir(tiny_hf, tmp_path_factory):
     return d
 
 
+@pytest.mark.slow  # 26 s on 2 cores (three models' generations and plots)
 def test_report_end_to_end(tiny_dir, adapter_dir, tmp_path, capsys):
     tasks, shots = _jsonl(tmp_path / "tasks.jsonl", TASKS), _jsonl(tmp_path / "shots.jsonl", SHOTS)
     choices = _jsonl(tmp_path / "mc.jsonl", CHOICES)

@@ -34,6 +34,7 @@ def _naive(config, params, prompt, n, spec=None, adapter=None):
 PROMPTS = [[5, 9, 3], [7, 1, 2, 8, 4, 6, 11], [13]]
 
 
+@pytest.mark.slow  # 40 s on 2 cores; tests/generate/test_engine.py covers the engine fast
 def test_batched_left_padded_greedy_equals_naive_loop(tiny):
     config, params = tiny
     out = greedy_generate(config, params, PROMPTS, max_new_tokens=6, eos_token_ids=[-5], batch_size=2)
@@ -41,6 +42,7 @@ def test_batched_left_padded_greedy_equals_naive_loop(tiny):
         assert got == _naive(config, params, prompt, 6)
 
 
+@pytest.mark.slow  # 2 x 15-26 s on 2 cores
 @pytest.mark.parametrize("kind", ["prompt", "prefix"])
 def test_prompt_and_prefix_tuning_generation_equals_naive_loop(tiny, kind):
     config, params = tiny

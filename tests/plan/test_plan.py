@@ -116,6 +116,7 @@ def test_state_bytes_per_device_on_4_fake_devices():
     assert out["fits"] is True and out["device_memory_bytes"] == 8 << 30
 
 
+@pytest.mark.slow  # 33 s on 2 cores (a real SmolLM2 step in a child process)
 def test_predicted_step_memory_matches_peak_rss_of_a_real_step():
     """A real SmolLM2 LoRA step (quickstart: seq 256 x 4 rows, fp32) in a fresh process: the planner's temporaries
     + outputs - aliases against the growth of the peak RSS over the step. Measured: 1.0966 GB predicted, 1.1103 GB
