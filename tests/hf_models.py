@@ -3,6 +3,9 @@ error used by the parity tests. Needs torch and transformers (the `dev` extra)."
 
 from __future__ import annotations
 
+import json
+import os
+
 import numpy as np
 
 # Tiny configs covering the Llama family as transformers defines it.
@@ -62,3 +65,14 @@ def write_tiny_smollm_vocab_model(d: str, hidden: int = 32, intermediate: int = 
 def rel_err(a, b) -> float:
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def train_losses(run_dir: str) -> dict[int, float]:
+    """`{step: loss}` of the training records in a run directory's `metrics.jsonl`."""
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            r = json.loads(line)
+            if r.get("kind") == "train":
+                out[r["step"]] = r["loss"]
+    return out

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from hf_models import write_tiny_smollm_vocab_model
+from hf_models import train_losses, write_tiny_smollm_vocab_model
 from jaxft.train.__main__ import main
 from optional_import import optional
 
@@ -96,23 +96,13 @@ def _two_processes(config: str) -> list[str]:
     return outs
 
 
-def _losses(run_dir: str) -> dict[int, float]:
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if r.get("kind") == "train":
-                out[r["step"]] = r["loss"]
-    return out
-
-
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_two_process_trainer_matches_one_device(model, tmp_path, method):
     ref, multi = str(tmp_path / "ref"), str(tmp_path / "multi")
     assert main([_config(tmp_path, model, ref, method)]) == 0
     outs = _two_processes(_config(tmp_path, model, multi, method))
     assert "mesh: {'data': 1, 'fsdp': 8, 'tensor': 1} over 8 devices" in outs[0]
-    got, want = _losses(multi), _losses(ref)
+    got, want = train_losses(multi), train_losses(ref)
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
     kind, name = ("adapter", "adapter_model.safetensors") if method == "lora" else ("merged", "model.safetensors")

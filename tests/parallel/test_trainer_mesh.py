@@ -13,7 +13,7 @@ import sys
 import pytest
 import yaml
 
-from hf_models import write_tiny_smollm_vocab_model
+from hf_models import train_losses, write_tiny_smollm_vocab_model
 from jaxft.train.__main__ import main
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,16 +51,6 @@ def _config(tmp, out: str) -> str:
     return path
 
 
-def _losses(run_dir: str) -> dict[int, float]:
-    out = {}
-    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
-        for line in f:
-            r = json.loads(line)
-            if r.get("kind") == "train":
-                out[r["step"]] = r["loss"]
-    return out
-
-
 def test_checkpoint_from_an_fsdp_run_resumes_on_one_device(tmp_path):
     os.makedirs(tmp_path / "model")
     _write_model(str(tmp_path / "model"))
@@ -73,10 +63,10 @@ def test_checkpoint_from_an_fsdp_run_resumes_on_one_device(tmp_path):
                           text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mesh: {'data': 1, 'fsdp': 8, 'tensor': 1} over 8 devices" in proc.stdout
-    first = _losses(sharded)
+    first = train_losses(sharded)
     assert max(first) == 2  # preempted after the checkpoint of step 2
     assert main([_config(tmp_path, sharded)]) == 0  # resumes here, on one device
-    got, want = _losses(sharded), _losses(ref)
+    got, want = train_losses(sharded), train_losses(ref)
     assert sorted(got) == sorted(want) == list(range(1, STEPS + 1))
     worst = max(abs(got[s] - want[s]) / abs(want[s]) for s in want)
     print(f"largest relative loss difference, resumed vs one device: {worst:.2e}")
