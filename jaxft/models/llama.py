@@ -201,6 +201,29 @@ def head_weight(config: LlamaConfig, params: dict) -> Any:
     return params["lm_head"]["kernel"]
 
 
+def logits_of(config: LlamaConfig, params: dict, h: jax.Array) -> jax.Array:
+    """Logits `[..., V]` (float32) of hidden states `h[..., D]`. A tied plain embedding table `[V, D]` is
+    contracted as stored: `h @ table.T` written as a transpose makes XLA:CPU copy the whole table every call
+    (113 MB for SmolLM2, more than a decode step's layers read)."""
+    table = params["model"]["embed_tokens"]["weight"]
+    if config.tie_word_embeddings and not isinstance(table, Weight):
+        return jnp.einsum("...d,vd->...v", h, table.astype(h.dtype)).astype(jnp.float32)
+    return linear(h, head_weight(config, params)).astype(jnp.float32)
+
+
+def unstack_layers(params: dict) -> dict:
+    """`params` with the stacked layers `[L, ...]` split into a list of L per-layer trees (a copy of the layer
+    weights). The model runs such a tree with a Python loop instead of `scan`: no compile-time saving, but no
+    per-layer slice either, which XLA:CPU copies out of the stacked arrays on every call (a decode step then reads
+    the layer weights three times instead of once). Generation on the CPU uses it; training keeps the stack."""
+    layers = params["model"]["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    n = jax.tree.leaves(layers)[0].shape[0]
+    split = [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)]
+    return {**params, "model": {**params["model"], "layers": split}}
+
+
 def loss_head(config: LlamaConfig, params: dict) -> tuple[Any, bool]:
     """`(weight, transposed)` for `jaxft.ops.loss`: a tied plain embedding table as stored, `[V, D]` with
     `transposed=True` (the loss contracts it in place instead of copying its transpose), else `head_weight`."""
@@ -256,13 +279,19 @@ def decoder(config: LlamaConfig, params: dict, x_btd: jax.Array, *, positions: j
     if options.remat != "none":
         body = jax.checkpoint(body, policy=_POLICIES[options.remat], prevent_cse=not options.scan_layers)
 
-    xs = (params["model"]["layers"], per_layer)
-    if options.scan_layers:
-        h, new_kv = jax.lax.scan(body, x_btd, xs)
+    layers = params["model"]["layers"]
+    if isinstance(layers, (list, tuple)):  # unstacked (`unstack_layers`): each layer's own arrays, no slicing
+        h, outs = x_btd, []
+        for i, layer_params in enumerate(layers):
+            h, kv = body(h, (layer_params, jax.tree.map(lambda a: a[i], per_layer)))
+            outs.append(kv)
+        new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    elif options.scan_layers:
+        h, new_kv = jax.lax.scan(body, x_btd, (layers, per_layer))
     else:
         h, outs = x_btd, []
         for i in range(c.num_hidden_layers):
-            h, kv = body(h, jax.tree.map(lambda a: a[i], xs))
+            h, kv = body(h, jax.tree.map(lambda a: a[i], (layers, per_layer)))
             outs.append(kv)
         new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
     h = rms_norm(h, params["model"]["norm"]["weight"], c.rms_norm_eps)
@@ -328,7 +357,7 @@ def forward(config: LlamaConfig, params: dict, input_ids: jax.Array, *, position
     params = bind_rows(params, adapter_ids)
     h = hidden_states(config, params, input_ids, positions=positions, segment_ids=segment_ids, options=options,
                       embeds=embeds, prefix_kv=prefix_kv)
-    return linear(h, head_weight(config, params)).astype(jnp.float32)
+    return logits_of(config, params, h)
 
 
 def forward_cached(config: LlamaConfig, params: dict, input_ids: jax.Array, cache: KVCache, *, positions: jax.Array,
@@ -344,4 +373,4 @@ def forward_cached(config: LlamaConfig, params: dict, input_ids: jax.Array, cach
     x = embed(config, params, input_ids, options.dtype) if embeds is None else embeds.astype(options.dtype)
     h, cache = decoder(config, params, x, positions=positions, segment_ids=segment_ids, options=options, cache=cache,
                        prefix_kv=prefix_kv)
-    return linear(h, head_weight(config, params)).astype(jnp.float32), cache
+    return logits_of(config, params, h), cache
