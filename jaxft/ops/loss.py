@@ -41,7 +41,7 @@ from jax.custom_derivatives import SymbolicZero
 from jax.sharding import PartitionSpec
 
 from jaxft.ops.linear import Weight, linear
-from jaxft.ops.sharding import batch_rows
+from jaxft.ops.sharding import batch_rows, data_axes
 
 DEFAULT_CHUNK_SIZE = 512
 
@@ -216,6 +216,23 @@ def _split(x: jax.Array, dim: int | None, axes: tuple[str, ...]) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
 
 
+def _rows_at(x: jax.Array, axis: int, vocab: tuple[str, ...]) -> jax.Array:
+    """Vocabulary-parallel only: `x` split by rows (dimension `axis`) over the data-parallel axes. A chunk is cut
+    from the row-split hidden state, then gathered (`_gather_chunk`): with the replicated constraint alone, GSPMD
+    gathers all rows of the whole hidden state (and its transposed copy) before the chunk loop."""
+    rows = data_axes()
+    if not vocab or not rows:
+        return x
+    spec = [None] * x.ndim
+    spec[axis] = rows if len(rows) > 1 else rows[0]
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def _gather_chunk(x: jax.Array, axis: int, vocab: tuple[str, ...]) -> jax.Array:
+    """A chunk of the hidden state (rows on dimension `axis`), cut while split by rows, then whole on every device."""
+    return _split(_rows_at(x, axis, vocab), None, vocab)
+
+
 def _vocab_split(w_cdt: jax.Array, v_dim: int, vocab: tuple[str, ...]) -> jax.Array:
     """The compute-dtype head split by vocabulary over `vocab`, once per step, outside the chunk loop (a cast or
     split inside it as well made XLA gather the FSDP-sharded fp32 head again). In two steps: the parameters are
@@ -229,7 +246,7 @@ def _logits(h_bcd: jax.Array, w: jax.Array, logits_dtype, transposed: bool, voca
     # The plain-array case of `linear`, with an fp32 (logits_dtype) output instead of one rounded to hidden.dtype.
     # Vocabulary-parallel (`vocab` axes): every row, this device's slice of the vocabulary. Otherwise the rows
     # stay split over the data-parallel devices (the vocabulary axis is left to GSPMD).
-    logits = jnp.einsum("bcd,vd->bcv" if transposed else "bcd,dv->bcv", _split(h_bcd, None, vocab),
+    logits = jnp.einsum("bcd,vd->bcv" if transposed else "bcd,dv->bcv", _gather_chunk(h_bcd, 0, vocab),
                         w.astype(h_bcd.dtype), preferred_element_type=logits_dtype)
     return _split(logits, 2, vocab) if vocab else batch_rows(logits, rest_free=True)
 
@@ -251,6 +268,7 @@ def _loss_dense(h_btd, w, t_bt, m_bt, logits_dtype, transposed, chunk):
 
     vocab = _vocab_axes(w.shape[0] if transposed else w.shape[1])
     w_cdt = _vocab_split(w.astype(h_btd.dtype), 0 if transposed else 1, vocab)
+    h_btd = _rows_at(h_btd, 0, vocab)
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(h_btd.shape[1] // chunk))[0]
 
 
@@ -265,7 +283,8 @@ def _loss_dense_fwd(h_btd, w, t_bt, m_bt, logits_dtype, transposed, chunk):
     w_cdt = _vocab_split(w.astype(cdt), v_dim, vocab)
     # h is also read as [D, B, T]: XLA:CPU's dot is slower when it contracts the leading axis of both operands
     # (h.T @ G) than on a plain [D, (B, C)] @ [(B, C), V].
-    h_dbt = jnp.transpose(h_btd, (2, 0, 1)) if want_dw else None
+    h_btd = _rows_at(h_btd, 0, vocab)
+    h_dbt = _rows_at(jnp.transpose(h_btd, (2, 0, 1)), 1, vocab) if want_dw else None
 
     def body(carry, k):
         dh_btd, dw_dv, total = carry
@@ -282,7 +301,7 @@ def _loss_dense_fwd(h_btd, w, t_bt, m_bt, logits_dtype, transposed, chunk):
                                 preferred_element_type=jnp.float32).astype(cdt)
             dh_btd = jax.lax.dynamic_update_slice_in_dim(dh_btd, batch_rows(dh_bcd), k * chunk, axis=1)
         if want_dw:
-            h_dbc = _split(_slice(h_dbt, k, chunk, axis=2), None, vocab)
+            h_dbc = _gather_chunk(_slice(h_dbt, k, chunk, axis=2), 1, vocab)
             dw_dv = _split(dw_dv + jnp.einsum("dbc,bcv->dv", h_dbc, g_bcv, preferred_element_type=jnp.float32), 1,
                            vocab)
         return (dh_btd, dw_dv, total + loss), None

@@ -22,7 +22,7 @@ from jax.sharding import AxisType, NamedSharding, PartitionSpec as P  # noqa: E4
 
 from jaxft.ops.loss import causal_lm_loss  # noqa: E402
 
-B, T, D = 8, 48, 64
+B, T, D = 8, 256, 64
 
 
 def _err(a, b) -> float:
