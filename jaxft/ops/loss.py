@@ -17,19 +17,31 @@ only, which a chunking of the flattened `[B * T]` tokens would not allow (a chun
   (`symbolic_zeros`: a frozen head, as in LoRA, costs no `dW` matmul).
 - composite `Weight` (LoRA on the head, ...): plain autodiff through `linear`, with each chunk rematerialised
   (`jax.checkpoint`) so the backward pass also holds one chunk of logits at a time.
+
+On a device mesh (traced under `jax.set_mesh`) the plain-array path is vocabulary-parallel: the head is split by
+vocabulary over every mesh axis once per step (one all-to-all of the compute-dtype head from its FSDP split on the
+model dimension), each chunk's hidden rows are gathered from the data-parallel devices (a chunk's rows are small),
+and each device computes the logits, softmax and gradients of its slice of the vocabulary for all rows: the
+log-sum-exp and the target logit are sums over the vocabulary that GSPMD turns into small all-reduces, `dh` is
+reduce-scattered back onto the rows, and `dW` stays split by vocabulary (a `[D, V / n]` accumulator per device).
+Split by rows instead, every device would gather the whole head and build a whole-head partial `dW` per chunk
+(Llama-3.1-8B: `[4096, 128256]`, 2 GiB in fp32, twice, on each device). The vocabulary must divide by the mesh size;
+if it does not, the chunks stay split by rows.
 """
 
 from __future__ import annotations
 
 import functools
+import math
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax.custom_derivatives import SymbolicZero
+from jax.sharding import PartitionSpec
 
 from jaxft.ops.linear import Weight, linear
-from jaxft.ops.sharding import batch_rows
+from jaxft.ops.sharding import batch_rows, data_axes
 
 DEFAULT_CHUNK_SIZE = 512
 
@@ -180,12 +192,63 @@ def _chunk_forward(logits_bcv: jax.Array, t_bc: jax.Array, m_bc: jax.Array, *, g
     return jnp.sum((lse_bc - target_bc) * m_bc), exp_bcv, sum_bc1, onehot_bcv
 
 
-def _logits(h_bcd: jax.Array, w: jax.Array, logits_dtype, transposed: bool) -> jax.Array:
-    # The plain-array case of `linear`, with an fp32 (logits_dtype) output instead of one rounded to hidden.dtype;
-    # the rows stay split over the data-parallel devices (the vocabulary axis is left to GSPMD).
-    logits = jnp.einsum("bcd,vd->bcv" if transposed else "bcd,dv->bcv", h_bcd, w.astype(h_bcd.dtype),
-                        preferred_element_type=logits_dtype)
-    return batch_rows(logits, rest_free=True)
+def _vocab_axes(v: int) -> tuple[str, ...]:
+    """The mesh axes the vocabulary is split over inside the loss: every axis of the current mesh with more than
+    one device, `data` last, when their product divides `v`; () without a mesh or when it does not (chunks split
+    by rows)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh.empty:
+        return ()
+    axes = tuple(a for a, n in dict(mesh.shape).items() if n > 1)
+    if not axes or v % math.prod(dict(mesh.shape)[a] for a in axes):
+        return ()
+    return tuple(a for a in axes if a != "data") + tuple(a for a in axes if a == "data")
+
+
+def _split(x: jax.Array, dim: int | None, axes: tuple[str, ...]) -> jax.Array:
+    """`x` split over `axes` along `dim` and replicated along the rest (`dim` None: replicated); a no-op when
+    `axes` is empty (no mesh, or the rows-split path)."""
+    if not axes:
+        return x
+    spec = [None] * x.ndim
+    if dim is not None:
+        spec[dim] = axes if len(axes) > 1 else axes[0]
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def _rows_at(x: jax.Array, axis: int, vocab: tuple[str, ...]) -> jax.Array:
+    """Vocabulary-parallel only: `x` split by rows (dimension `axis`) over the data-parallel axes. A chunk is cut
+    from the row-split hidden state, then gathered (`_gather_chunk`): with the replicated constraint alone, GSPMD
+    gathers all rows of the whole hidden state (and its transposed copy) before the chunk loop."""
+    rows = data_axes()
+    if not vocab or not rows:
+        return x
+    spec = [None] * x.ndim
+    spec[axis] = rows if len(rows) > 1 else rows[0]
+    return jax.lax.with_sharding_constraint(x, PartitionSpec(*spec))
+
+
+def _gather_chunk(x: jax.Array, axis: int, vocab: tuple[str, ...]) -> jax.Array:
+    """A chunk of the hidden state (rows on dimension `axis`), cut while split by rows, then whole on every device."""
+    return _split(_rows_at(x, axis, vocab), None, vocab)
+
+
+def _vocab_split(w_cdt: jax.Array, v_dim: int, vocab: tuple[str, ...]) -> jax.Array:
+    """The compute-dtype head split by vocabulary over `vocab`, once per step, outside the chunk loop (a cast or
+    split inside it as well made XLA gather the FSDP-sharded fp32 head again). In two steps: the parameters are
+    whole on every `data` index (FSDP and tensor parallelism split them over the other axes), so the head is first
+    split over the other axes (an all-to-all from their split of its model dimension), then over `data` (a local
+    slice). In one step, on a mesh with `data` and another axis, GSPMD replicates the whole head first."""
+    return _split(_split(w_cdt, v_dim, tuple(a for a in vocab if a != "data")), v_dim, vocab)
+
+
+def _logits(h_bcd: jax.Array, w: jax.Array, logits_dtype, transposed: bool, vocab: tuple[str, ...]) -> jax.Array:
+    # The plain-array case of `linear`, with an fp32 (logits_dtype) output instead of one rounded to hidden.dtype.
+    # Vocabulary-parallel (`vocab` axes): every row, this device's slice of the vocabulary. Otherwise the rows
+    # stay split over the data-parallel devices (the vocabulary axis is left to GSPMD).
+    logits = jnp.einsum("bcd,vd->bcv" if transposed else "bcd,dv->bcv", _gather_chunk(h_bcd, 0, vocab),
+                        w.astype(h_bcd.dtype), preferred_element_type=logits_dtype)
+    return _split(logits, 2, vocab) if vocab else batch_rows(logits, rest_free=True)
 
 
 def _slice(x: jax.Array, k: jax.Array, chunk: int, axis: int = 1) -> jax.Array:
@@ -199,9 +262,13 @@ def _loss_dense(h_btd, w, t_bt, m_bt, logits_dtype, transposed, chunk):
 
     def body(total, k):
         h_bcd, t_bc, m_bc = (_slice(x, k, chunk) for x in (h_btd, t_bt, m_bt))
-        return total + _chunk_forward(_logits(h_bcd, w_cdt, logits_dtype, transposed), t_bc, m_bc, gather=True)[0], None
+        logits = _logits(h_bcd, w_cdt, logits_dtype, transposed, vocab)
+        t_bc, m_bc = _split(t_bc, None, vocab), _split(m_bc, None, vocab)
+        return total + _chunk_forward(logits, t_bc, m_bc, gather=not vocab)[0], None
 
-    w_cdt = w.astype(h_btd.dtype)  # cast once, outside the chunk loop (see _loss_dense_fwd)
+    vocab = _vocab_axes(w.shape[0] if transposed else w.shape[1])
+    w_cdt = _vocab_split(w.astype(h_btd.dtype), 0 if transposed else 1, vocab)
+    h_btd = _rows_at(h_btd, 0, vocab)
     return jax.lax.scan(body, jnp.zeros((), jnp.float32), jnp.arange(h_btd.shape[1] // chunk))[0]
 
 
@@ -210,18 +277,22 @@ def _loss_dense_fwd(h_btd, w, t_bt, m_bt, logits_dtype, transposed, chunk):
     want_dh, want_dw = h_btd.perturbed, w.perturbed
     h_btd, w, t_bt, m_bt = h_btd.value, w.value, t_bt.value, m_bt.value
     cdt = h_btd.dtype
-    # One cast for the logits and dh: casting inside the loop as well made XLA gather the FSDP-sharded fp32 head a
-    # second time (Llama-3.1-8B, FSDP 8: +2 GiB fp32 gather +1 GiB bf16 copy per device).
-    w_cdt = w.astype(cdt)
+    d, v = w.shape[::-1] if transposed else w.shape
+    vocab = _vocab_axes(v)
+    v_dim = 0 if transposed else 1
+    w_cdt = _vocab_split(w.astype(cdt), v_dim, vocab)
     # h is also read as [D, B, T]: XLA:CPU's dot is slower when it contracts the leading axis of both operands
     # (h.T @ G) than on a plain [D, (B, C)] @ [(B, C), V].
-    h_dbt = jnp.transpose(h_btd, (2, 0, 1)) if want_dw else None
+    h_btd = _rows_at(h_btd, 0, vocab)
+    h_dbt = _rows_at(jnp.transpose(h_btd, (2, 0, 1)), 1, vocab) if want_dw else None
 
     def body(carry, k):
         dh_btd, dw_dv, total = carry
         h_bcd, t_bc, m_bc = (_slice(x, k, chunk) for x in (h_btd, t_bt, m_bt))
-        loss, exp_bcv, sum_bc1, onehot_bcv = _chunk_forward(_logits(h_bcd, w_cdt, logits_dtype, transposed), t_bc,
-                                                            m_bc, gather=True)
+        t_bc, m_bc = _split(t_bc, None, vocab), _split(m_bc, None, vocab)
+        # vocabulary-parallel: the target logit by a one-hot sum (a sum over the split vocabulary), not a gather
+        loss, exp_bcv, sum_bc1, onehot_bcv = _chunk_forward(_logits(h_bcd, w_cdt, logits_dtype, transposed, vocab),
+                                                            t_bc, m_bc, gather=not vocab)
         # d loss / d logits = mask * (softmax - onehot); rounded to the compute dtype for the two matmuls, as
         # autodiff of a bf16 matmul would.
         g_bcv = (exp_bcv * (m_bc[..., None] / sum_bc1) - jnp.where(onehot_bcv, m_bc[..., None], 0.0)).astype(cdt)
@@ -230,13 +301,13 @@ def _loss_dense_fwd(h_btd, w, t_bt, m_bt, logits_dtype, transposed, chunk):
                                 preferred_element_type=jnp.float32).astype(cdt)
             dh_btd = jax.lax.dynamic_update_slice_in_dim(dh_btd, batch_rows(dh_bcd), k * chunk, axis=1)
         if want_dw:
-            dw_dv = dw_dv + jnp.einsum("dbc,bcv->dv", _slice(h_dbt, k, chunk, axis=2), g_bcv,
-                                       preferred_element_type=jnp.float32)
+            h_dbc = _gather_chunk(_slice(h_dbt, k, chunk, axis=2), 1, vocab)
+            dw_dv = _split(dw_dv + jnp.einsum("dbc,bcv->dv", h_dbc, g_bcv, preferred_element_type=jnp.float32), 1,
+                           vocab)
         return (dh_btd, dw_dv, total + loss), None
 
-    d, v = w.shape[::-1] if transposed else w.shape
     dh0 = batch_rows(jnp.zeros_like(h_btd)) if want_dh else None
-    dw0 = jnp.zeros((d, v), jnp.float32) if want_dw else None
+    dw0 = _split(jnp.zeros((d, v), jnp.float32), 1, vocab) if want_dw else None
     (dh_btd, dw_dv, loss), _ = jax.lax.scan(body, (dh0, dw0, jnp.zeros((), jnp.float32)),
                                             jnp.arange(h_btd.shape[1] // chunk))
     if want_dw:

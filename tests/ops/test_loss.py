@@ -8,6 +8,10 @@ logit gradient feeds the two backward matmuls).
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -243,6 +247,31 @@ def test_chunking_bounds_memory(composite):
     f = lambda h, w, t, m: cross_entropy_sum(h, w, t, m, chunk_size=128)[0]  # noqa: E731
     mem = jax.jit(jax.grad(f, argnums=(0, 1))).lower(hs, ws, t, m).compile().memory_analysis()
     assert mem.temp_size_in_bytes < full_logits / 4, (mem.temp_size_in_bytes, full_logits)
+
+
+# Largest errors of the loss on 8 fake devices against one device (6 seeds, meshes (2,4,1), (1,4,2), (1,8,1),
+# (8,1,1), fp32, relative to the largest reference entry): loss 2.1e-7, dh 2.1e-6, dW 7.1e-7; bound 1e-5 (4.7x).
+MESH_TOL = 1e-5
+
+
+def test_vocab_parallel_on_a_mesh_matches_one_device():
+    """On a mesh the head is split by vocabulary inside the loss: same loss and gradients as one device, the head
+    gradient comes out split by vocabulary, and the step's scratch stays under 3/4 of one fp32 head (measured
+    1.18 MB for a 2.1 MB head; split by rows as before: 4.35 MB; with all rows of the hidden state gathered before
+    the chunk loop: 2.10 MB). A vocabulary the devices do not divide keeps the rows split. 8 fake devices in a
+    child process (~6 s)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(here)), TF_CPP_MIN_LOG_LEVEL="2")
+    proc = subprocess.run([sys.executable, os.path.join(here, "loss_mesh_child.py")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    for name, got in out.items():
+        assert max(got["loss"], got["dh"], got["dw"]) < MESH_TOL, (name, got)
+    vp, odd = out["vocab_parallel"], out["odd_vocab"]
+    assert vp["dw_spec"] == str((None, ("fsdp", "tensor", "data"))), vp
+    assert vp["temp"] < vp["head_fp32"] * 3 / 4, vp
+    assert odd["dw_spec"] == "()", odd
 
 
 def test_shape_errors_are_one_line():
