@@ -68,6 +68,7 @@ def _export(tiny, name: str, seed: int, storage: str = "uint8", **export):
     return out, cfg, model, adapter, frozen
 
 
+@pytest.mark.slow  # 18.6 s for seed 0 (first use of the export path's eager ops and bitsandbytes), 0.9 s for seed 1
 @pytest.mark.parametrize("seed", [0, 1])
 def test_qlora_exports_check_against_the_quantised_model(tiny, seed):
     out, cfg, model, adapter, frozen = _export(tiny, f"run{seed}", seed)
@@ -98,6 +99,7 @@ def test_qlora_exports_check_against_the_quantised_model(tiny, seed):
     assert old > 1e-3
 
 
+@pytest.mark.slow  # 8.3 s
 def test_qlora_export_check_on_first_layers_with_bfloat16_storage(tiny):
     """The partial check (first layer of two) writes the dequantised base cut to that layer; codes stored as
     bfloat16 (FSDP-QLoRA's storage) dequantise to the same weights."""
