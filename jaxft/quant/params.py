@@ -155,6 +155,18 @@ def compute_view(tree: Any) -> Any:
     return jax.tree.map(view, tree, is_leaf=lambda x: isinstance(x, NF4Tensor))
 
 
+def dequantizing_to(tree: Any, dtype: Any) -> Any:
+    """`tree` with every NF4 leaf relabelled to dequantise to `dtype` (its codes and tables shared, nothing
+    computed). With `float32`, `materialize` gives `code * absmax` unrounded: the weights a float32 forward over the
+    NF4 base multiplies by, and those of bitsandbytes' `dequantize_4bit` for an fp32 quant state (the export check
+    writes them as the base that peft's adapter is checked on)."""
+    name = jnp.dtype(dtype).name
+
+    def relabel(x):
+        return dataclasses.replace(x, dtype_name=name) if isinstance(x, NF4Tensor) else x
+    return jax.tree.map(relabel, tree, is_leaf=lambda x: isinstance(x, NF4Tensor))
+
+
 def nf4_leaves(tree: Any) -> list[str]:
     """Dotted paths of the `NF4Tensor` leaves of `tree`."""
     return [".".join(p) for p, v in _paths(tree) if isinstance(v, NF4Tensor)]

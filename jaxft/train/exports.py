@@ -1,6 +1,14 @@
 """Exports at the end of a run: a peft adapter directory and/or a merged HF model directory, each with a model card,
 each checked by reloading it with transformers / peft and comparing logits with jaxft's (on the first layers only
-when the whole model does not fit in host memory; see `jaxft.train.verify`)."""
+when the whole model does not fit in host memory; see `jaxft.train.verify`).
+
+Over an NF4 base (`method.type: qlora`) each check compares like with like. The adapter is loaded by peft on the
+dequantised NF4 base (`code * absmax` in fp32, what bitsandbytes' `dequantize_4bit` gives and its Linear4bit
+multiplies by), written to a scratch directory, and compared with the trained QLoRA model at the usual tolerance.
+The merged export (dequantised, then merged) is checked at the tolerance against jaxft's forward over the merged
+tree, and its drift against the trained QLoRA model is reported (summary `merged drift vs NF4 base (rel.)`, the
+model card), not judged: rounding `W + s B A` to the export's dtype is an approximation of the quantised model.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +18,8 @@ import glob
 import io
 import json
 import os
+import shutil
+import tempfile
 import time
 import warnings
 from typing import Any
@@ -19,16 +29,16 @@ import jax.numpy as jnp
 import numpy as np
 
 import jaxft
-from jaxft import peft
+from jaxft import peft, quant
 from jaxft.io.default import base_model_id, weights_provenance
 from jaxft.io.files import sha256
 from jaxft.parallel.distributed import host_array, is_primary
 from jaxft.schema import to_dict
 from jaxft.train.step import StaticModel
-from jaxft.train.verify import plan_verify, probe_logits, verify_adapter, verify_available, verify_merged
+from jaxft.train.verify import plan_verify, probe_logits, truncate, verify_adapter, verify_available, verify_merged
 
 __all__ = ["dataset_files", "export_all", "model_card", "requested_exports", "verify_adapter",
-           "verify_available", "verify_merged", "verify_tolerance"]
+           "verify_available", "verify_merged", "verify_tolerance", "write_dequantized_base"]
 
 
 def dataset_files(cfg) -> list[tuple[str, str]]:
@@ -98,6 +108,26 @@ def verify_tolerance(cfg) -> float:
     return 1e-4 if cfg.model.param_dtype == "float32" else 1e-1
 
 
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    """Max relative error of `a` against `b` (the export checks' measure): max |a - b| / max |b|."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+def write_dequantized_base(model: StaticModel, frozen: Any, out_dir: str, layers: int | None = None) -> str:
+    """Write the NF4 base `frozen` dequantised to float32 (`code * absmax`, unrounded) as an HF directory, cut to its
+    first `layers` decoder layers when given: the base peft's adapter check runs on. In float32 it equals
+    bitsandbytes' `dequantize_4bit` with an fp32 quant state, and the weights jaxft's float32 forward multiplies
+    by. Multi-host: every process calls it (tensors are gathered one at a time), process 0 writes."""
+    config = model.config
+    if layers is not None:
+        cut, _, frozen = truncate(model, None, frozen, layers)
+        config = cut.config
+    # relabelled, not converted: each NF4 leaf is dequantised only when the writer reaches it
+    return jaxft.save_pretrained(config, quant.dequantizing_to(quant.compute_view(frozen), jnp.float32), out_dir,
+                                 overwrite=True)
+
+
 @contextlib.contextmanager
 def _quiet():
     """Silence what reloading an export prints on a clean run: transformers' FutureWarnings and its progress bars
@@ -126,7 +156,9 @@ def export_all(cfg, model: StaticModel, trainable, frozen, tokenizer, prepared, 
     The check of each export loads the whole model into torch when it fits in half of the available host memory,
     else its first layers (export.verify_layers forces the number); the summary's `... verify (checked)` entry and
     the model card say which. An export whose max relative logit error exceeds `verify_tolerance(cfg)` is named in
-    the returned `"export failed"` entry (the run then fails).
+    the returned `"export failed"` entry (the run then fails). Over an NF4 base (QLoRA) the adapter is checked on
+    the dequantised base and the merge against its own forward, its drift from the QLoRA model reported in the
+    `"merged drift vs NF4 base (rel.)"` entry (see the module docstring).
 
     Multi-host: every process calls it (tensors are gathered one at a time, the jaxft side of each check is a
     sharded forward); process 0 alone writes the directories and runs the transformers / peft checks.
@@ -139,6 +171,7 @@ def export_all(cfg, model: StaticModel, trainable, frozen, tokenizer, prepared, 
         out["verify"] = "requested but torch/transformers/peft are not importable (pip install -e '.[verify]')"
         want_verify = False
     tol = verify_tolerance(cfg)
+    quantized = frozen is not None and bool(quant.nf4_leaves(frozen))
     ids = _probe(prepared)
     cache: dict[int | None, np.ndarray] = {}
     failed = []
@@ -184,13 +217,23 @@ def export_all(cfg, model: StaticModel, trainable, frozen, tokenizer, prepared, 
             check = "not run: peft cannot load jaxft's own Houlsby / BitFit adapter format"
         elif want_verify:
             plan = plan_verify(model.config, adapter=trainable, forced=cfg.export.verify_layers)
-            print(f"export check, adapter: peft reloads it on {plan.describe()}", flush=True)
+            on = "the dequantised NF4 base, " if quantized else ""
+            print(f"export check, adapter: peft reloads it on {on}{plan.describe()}", flush=True)
             jaxft_logits = logits(plan.layers_arg)  # every process: the forward is a collective
-            if primary:
-                with _quiet():
-                    err = verify_adapter(cfg.model.path, d, jaxft_logits, ids, layers=plan.layers_arg)
-                check = (f"peft PeftModel.from_pretrained logits vs jaxft on {plan.describe()}: "
-                         f"{judge('adapter', err, plan)}")
+            scratch = tempfile.mkdtemp(prefix=".jaxft-verify-", dir=cfg.output_dir) if primary and quantized else None
+            try:
+                base = cfg.model.path
+                if quantized:  # every process: the writer gathers each tensor
+                    base = write_dequantized_base(model, frozen, os.path.join(scratch or cfg.output_dir, "nf4-base"),
+                                                  plan.layers_arg)
+                if primary:
+                    with _quiet():
+                        err = verify_adapter(base, d, jaxft_logits, ids, layers=plan.layers_arg)
+                    check = (f"peft PeftModel.from_pretrained logits on {on}vs jaxft on {plan.describe()}: "
+                             f"{judge('adapter', err, plan)}")
+            finally:
+                if scratch is not None:
+                    shutil.rmtree(scratch, ignore_errors=True)
         if primary:
             with open(os.path.join(d, "README.md"), "w") as f:
                 f.write(model_card(cfg, "Adapter", card_metrics, check, notes))
@@ -202,17 +245,33 @@ def export_all(cfg, model: StaticModel, trainable, frozen, tokenizer, prepared, 
         print(f"export: writing the merged model to {d}", flush=True)
         merged = trainable if model.spec is None else peft.merge(frozen, model.spec, trainable)
         jaxft.save_pretrained(model.config, merged, d, tokenizer)
+        plan = plan_verify(model.config, forced=cfg.export.verify_layers) if want_verify else None
+        merged_logits = None
+        if quantized and want_verify:  # the merge's own forward: what its files must reproduce
+            merged_model = dataclasses.replace(probe_model, spec=None)
+            merged_logits = probe_logits(merged_model, merged, None, ids, plan.layers_arg)
         del merged
         check = "not run"
         if want_verify:
-            plan = plan_verify(model.config, forced=cfg.export.verify_layers)
             print(f"export check, merged: transformers reloads it on {plan.describe()}", flush=True)
             jaxft_logits = logits(plan.layers_arg)  # every process: the forward is a collective
             if primary:
                 with _quiet():
-                    err = verify_merged(d, jaxft_logits, ids, layers=plan.layers_arg)
-                check = (f"transformers AutoModelForCausalLM logits vs jaxft on {plan.describe()}: "
-                         f"{judge('merged', err, plan)}")
+                    if merged_logits is None:
+                        err = verify_merged(d, jaxft_logits, ids, layers=plan.layers_arg)
+                        check = (f"transformers AutoModelForCausalLM logits vs jaxft on {plan.describe()}: "
+                                 f"{judge('merged', err, plan)}")
+                    else:
+                        err = verify_merged(d, merged_logits, ids, layers=plan.layers_arg)
+                        drift = _rel(merged_logits, jaxft_logits)  # the files reproduce merged_logits (err)
+                        out["merged drift vs NF4 base (rel.)"] = drift
+                        print(f"export check, merged: max relative logit drift {drift:.2e} against the trained "
+                              "QLoRA model (reported, not judged: the merge rounds W + sBA to the export's dtype)",
+                              flush=True)
+                        check = (f"transformers AutoModelForCausalLM logits vs jaxft's forward over the merged "
+                                 f"weights on {plan.describe()}: {judge('merged', err, plan)}; drift against the "
+                                 f"trained QLoRA model (NF4 base + adapter): max relative logit error {drift:.2e}, "
+                                 "reported, not judged (the merge rounds W + sBA to the export's dtype)")
         if primary:
             with open(os.path.join(d, "README.md"), "w") as f:
                 f.write(model_card(cfg, "Model", card_metrics, check, notes))

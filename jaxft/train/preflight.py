@@ -23,7 +23,8 @@ from jaxft.models.config import LlamaConfig
 from jaxft.models.params import abstract_params
 from jaxft.peft.targets import iter_instances, plan
 from jaxft.schema import ConfigError, to_dict
-from jaxft.train.config import TrainConfig, check_quantize, method_name, method_spec, parse_config, resolved_dict
+from jaxft.train.config import (QLORA, QLORA_ADAPTERS, TrainConfig, check_quantize, method_name, method_spec,
+                                parse_config, resolved_dict)
 from jaxft.train.optim import warmup_steps
 from jaxft.train.step import adds_inputs
 
@@ -124,7 +125,11 @@ def check_output_dir(cfg: TrainConfig) -> bool:
 def resolve_init_from(cfg: TrainConfig, config: LlamaConfig) -> tuple[TrainConfig, Any]:
     """`(cfg, spec)` with the method section of `method.init_from`'s adapter when there is one: continuing an adapter
     takes its structure (method, rank, targets, ...) from the file. A key the config sets explicitly to another value
-    than the file's is an error naming each; what is recorded (config.yaml, summary, model card) is what runs."""
+    than the file's is an error naming each; what is recorded (config.yaml, summary, model card) is what runs.
+
+    Under `method.type: qlora` the file's method is the adapter trained over the NF4 base (`method.adapter`): a
+    LoRA or DoRA adapter saved by any run (qlora, lora, dora) continues there when its type matches `adapter` (or
+    sets it, when the config does not); another method is refused in one line."""
     init_from = cfg.method.get("init_from")
     if init_from is None:
         return cfg, method_spec(cfg.method)
@@ -133,14 +138,22 @@ def resolve_init_from(cfg: TrainConfig, config: LlamaConfig) -> tuple[TrainConfi
                           "(adapter_config.json + adapter_model.safetensors)")
     file_spec, _ = peft.load_adapter(init_from, config)
     kind = method_name(file_spec)
+    qlora = cfg.method.get("type") == QLORA
+    if qlora and kind not in QLORA_ADAPTERS:
+        raise ConfigError(f"method.init_from: {init_from} holds a {kind} adapter, and method.type: {QLORA} trains "
+                          f"{' or '.join(QLORA_ADAPTERS)} over the NF4 base; continue it with method.type: {kind}, "
+                          "or train a new adapter without init_from")
     disagree = []
-    if "type" in cfg.method and cfg.method["type"] != kind:
+    if qlora and cfg.method.get("adapter", kind) != kind:
+        disagree.append(f"adapter {cfg.method['adapter']} (file: {kind})")
+    elif not qlora and "type" in cfg.method and cfg.method["type"] != kind:
         disagree.append(f"type {cfg.method['type']} (file: {kind})")
     for key, value in cfg.method.items():
-        if key in ("type", "init_from"):
+        if key in ("type", "init_from") or (qlora and key == "adapter"):
             continue
         try:
-            wanted = getattr(peft.spec_from_dict(str(cfg.method.get("type", kind)), {key: value}, "method"), key)
+            wanted = getattr(peft.spec_from_dict(kind if qlora else str(cfg.method.get("type", kind)), {key: value},
+                                                 "method"), key)
         except ConfigError:
             wanted = value
         have = getattr(file_spec, key, _ABSENT)
@@ -152,7 +165,8 @@ def resolve_init_from(cfg: TrainConfig, config: LlamaConfig) -> tuple[TrainConfi
         raise ConfigError(f"method.init_from: {init_from} holds a {kind} adapter that the method section contradicts: "
                           f"{'; '.join(disagree)}; remove those keys (a continued adapter keeps the file's "
                           "structure) or train a new adapter without init_from")
-    method = {"type": kind, **to_dict(file_spec), "init_from": init_from}
+    head = {"type": QLORA, "adapter": kind} if qlora else {"type": kind}
+    method = {**head, **to_dict(file_spec), "init_from": init_from}
     return dataclasses.replace(cfg, method=method), file_spec
 
 
