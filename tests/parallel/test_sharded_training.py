@@ -19,8 +19,9 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 MESHES = ("8x1x1", "1x8x1", "2x2x2", "1x4x2")
 # Largest relative loss difference measured against one device (5 steps, fp32, AdamW lr 1e-2, jax 0.10.2 and
-# 0.12): 2.7e-6 (full fine-tuning), 1.5e-7 (LoRA). The bound keeps a 3.7x margin.
-LOSS_RTOL = 1e-5
+# 0.12): 3.57e-6 (full fine-tuning, 1x4x2, with the vocabulary-parallel loss), 1.5e-7 (LoRA). The bound keeps a
+# 3.1x margin.
+LOSS_RTOL = 1.1e-5
 
 pytestmark = pytest.mark.slow
 

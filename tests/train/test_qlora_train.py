@@ -38,7 +38,7 @@ def _yaml(tmp, name: str, **sections) -> str:
            "optim": {"lr": 1e-2, "warmup_steps": 1},
            "train": {"steps": 3, "batch_size": 2, "log_every": 1, "report_to": "none"},
            "eval": {"generate": 0, "batch_size": 4},
-           "export": {"adapter": True, "merged": True, "verify": "auto", "verify_tolerance": 1.0}}
+           "export": {"adapter": True, "merged": True, "verify": "auto"}}
     for k, v in sections.items():
         cfg[k] = dict(cfg.get(k, {}), **v)
     p = str(tmp / f"{name}.yaml")
@@ -62,8 +62,7 @@ def test_qlora_trains_and_exports(tmp, storage):
     with open(tmp / name / "summary.json") as f:
         s = json.load(f)
     assert s["method"] == "qlora" and s["complete"]
-    assert s["merged verify (rel. err)"] < MERGED_RTOL
-    # the adapter check runs peft on the unquantised base: it sees NF4's drift, well above fp32 rounding
-    assert 1e-4 < s["adapter verify (rel. err)"] < 1.0
+    assert s["merged verify (rel. err)"] < MERGED_RTOL and s["merged drift vs NF4 base (rel.)"] < MERGED_RTOL
+    assert s["adapter verify (rel. err)"] < MERGED_RTOL  # peft on the dequantised NF4 base: fp32 rounding only
     with open(tmp / name / "adapter" / "adapter_config.json") as f:
         assert json.load(f)["peft_type"] == "LORA"
