@@ -9,7 +9,8 @@ tokens/s = rows x (new tokens - 1) / (time to generate all - time to generate th
 counted; time to first token is the prefill of one `--ttft-len`-token prompt plus the first token's choice. The
 greedy tokens of batch 1 are compared between the two (a mismatch is reported: fp32 rounding may flip a near-tie).
 Run it on an idle machine: it is a timing. Multi-adapter batches (16 rows over 8 adapters vs one adapter) are
-measured by the multi-adapter benchmark on top of the same engine; `--adapter DIR` times one bound adapter here.
+(16 rows over 8 different random LoRA r16 all-linear adapters vs the same 16 rows all on one of them, through the
+same multi-adapter stack and compiled step) are timed here too; `--adapter DIR` times one bound adapter.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 import jaxft  # noqa: E402
 from benchmarks.common import record, torch_smollm  # noqa: E402
 from jaxft import peft  # noqa: E402
 from jaxft.generate import Engine  # noqa: E402
+from jaxft.peft.multi import AdapterStack, bind_stack  # noqa: E402
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "How do I boil an egg?",
              "Name three prime numbers.", "Explain gravity to a child.", "What is 12 times 7?",
@@ -36,11 +39,12 @@ QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.", "
              "Who wrote Hamlet?", "Suggest a name for a dog."]
 
 
-def ours_run(config, params, prompts, n, slots):
+def ours_run(config, params, prompts, n, slots, adapter_ids=None):
     """(seconds to the first tokens, seconds for the rest, tokens per row) for one batch on a fresh engine state."""
-    eng = Engine(config, params, slots=slots, max_len=1 << (max(map(len, prompts)) + n).bit_length())
+    eng = Engine(config, params, slots=slots, max_len=1 << (max(map(len, prompts)) + n).bit_length(),
+                 multi_adapter=adapter_ids is not None)
     t0 = time.perf_counter()
-    first = eng.add_many(prompts, max_new_tokens=[n] * len(prompts))
+    first = eng.add_many(prompts, max_new_tokens=[n] * len(prompts), adapter_ids=adapter_ids)
     t1 = time.perf_counter()
     events = eng.step(n)
     t2 = time.perf_counter()
@@ -64,6 +68,20 @@ def torch_run(model, tok, prompts, n):
         t2 = time.perf_counter()
     width = batch["input_ids"].shape[1]
     return t1 - t0, (t2 - t1) - (t1 - t0), out[:, width:].tolist()
+
+
+def adapter_stack(config, params, count: int, rank: int):
+    """A stack of `count` random LoRA adapters (rank `rank`, all linear modules, B non-zero so each changes the
+    output)."""
+    stack = AdapterStack.create(params, capacity=count, max_rank=rank)
+    spec = peft.LoraSpec(r=rank, alpha=2 * rank, target_modules="all-linear")
+    for i in range(count):
+        adapter = peft.init(spec, config, params, jax.random.key(i))
+        adapter = jax.tree_util.tree_map_with_path(
+            lambda path, a: 0.01 * jax.random.normal(jax.random.key(i + 100), a.shape, a.dtype)
+            if "lora_b" in jax.tree_util.keystr(path) else a, adapter)
+        stack.add(f"a{i}", spec, adapter, params)
+    return stack
 
 
 def main(argv=None) -> int:
@@ -100,6 +118,18 @@ def main(argv=None) -> int:
                      f"{ours_tps / torch_tps:.2f}x |")
         same = sum(a == c for a, c in zip(toks_ours, toks_torch))
         print(f"batch {b}: {same}/{b} rows token-identical to transformers", file=sys.stderr)
+    if not args.adapter:
+        b, count = batches[-1], 8
+        prompts = [chat[i % len(chat)] for i in range(b)]
+        stack = adapter_stack(config, params, count, 16)
+        bound = bind_stack(params, stack.arrays)
+        timed = {}
+        for label, ids in (("one", [0] * b), ("mixed", [i % count for i in range(b)])):
+            ours_run(config, bound, prompts, n, b, ids)  # compile
+            timed[label] = min(ours_run(config, bound, prompts, n, b, ids)[1] for _ in range(2))
+        lines.append(f"| {b} rows over {count} LoRA r16 adapters vs {b} rows of one, decode time | "
+                     f"{timed['mixed']:.2f} s vs {timed['one']:.2f} s | | {timed['mixed'] / timed['one']:.2f}x "
+                     f"(goal <= 1.3x) |")
     long = (chat[0] * (args.ttft_len // len(chat[0]) + 1))[:args.ttft_len]
     ours_run(config, params, [long], 1, 1)  # compile
     t_first_ours = min(ours_run(config, params, [long], 1, 1)[0] for _ in range(3))

@@ -40,7 +40,7 @@ import numpy as np
 from jaxft.errors import ConfigError
 from jaxft.generate.sampling import GREEDY, SamplingParams, sample
 from jaxft.models.config import LlamaConfig
-from jaxft.models.llama import KVCache, ModelOptions, embed, forward_cached, init_cache, unstack_layers
+from jaxft.models.llama import KVCache, ModelOptions, embed, forward_cached, init_cache
 
 # Finish codes on the device and their names on the host (OpenAI's `finish_reason`: EOS and stop sequences are
 # "stop", the token budget or the cache's end "length").
@@ -241,9 +241,6 @@ class Engine:
         if slots < 1 or max_len < 2:
             raise ConfigError(f"Engine: slots={slots} must be >= 1 and max_len={max_len} >= 2")
         config.check_sequence_length(max_len + (0 if prefix is None else prefix[0].shape[1]), "Engine max_len")
-        # On the CPU the layers run unstacked: XLA:CPU copies each layer's weights out of a scanned stack on every
-        # step (SmolLM2 decode at batch 1: 39.7 -> 29.2 ms per step). Accelerators keep the stack (memory).
-        self._unstack = jax.default_backend() == "cpu"
         self.config, self.params, self.max_len, self.slots = config, params, max_len, slots
         n_virtual = 0 if virtual_tokens is None else int(virtual_tokens.shape[0])
         n_prefix = 0 if prefix is None else int(prefix[0].shape[1])
@@ -265,15 +262,6 @@ class Engine:
         self.history: list[list[int]] = [[] for _ in range(b)]   # tokens each slot holds (+ its pending last one)
         self._busy = [False] * b
         self._active = [False] * b
-
-    @property
-    def params(self) -> Any:
-        """The model's parameter tree (replaceable between calls: same structure and shapes, no recompilation)."""
-        return self._params
-
-    @params.setter
-    def params(self, value: Any) -> None:
-        self._params = unstack_layers(value) if self._unstack else value
 
     # -- slots --------------------------------------------------------------------------------------------------
 
