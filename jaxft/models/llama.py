@@ -211,19 +211,6 @@ def logits_of(config: LlamaConfig, params: dict, h: jax.Array) -> jax.Array:
     return linear(h, head_weight(config, params)).astype(jnp.float32)
 
 
-def unstack_layers(params: dict) -> dict:
-    """`params` with the stacked layers `[L, ...]` split into a list of L per-layer trees (a copy of the layer
-    weights). The model runs such a tree with a Python loop instead of `scan`: no compile-time saving, but no
-    per-layer slice either, which XLA:CPU copies out of the stacked arrays on every call (a decode step then reads
-    the layer weights three times instead of once). Generation on the CPU uses it; training keeps the stack."""
-    layers = params["model"]["layers"]
-    if isinstance(layers, (list, tuple)):
-        return params
-    n = jax.tree.leaves(layers)[0].shape[0]
-    split = [jax.tree.map(lambda a, i=i: a[i], layers) for i in range(n)]
-    return {**params, "model": {**params["model"], "layers": split}}
-
-
 def loss_head(config: LlamaConfig, params: dict) -> tuple[Any, bool]:
     """`(weight, transposed)` for `jaxft.ops.loss`: a tied plain embedding table as stored, `[V, D]` with
     `transposed=True` (the loss contracts it in place instead of copying its transpose), else `head_weight`."""
@@ -280,13 +267,7 @@ def decoder(config: LlamaConfig, params: dict, x_btd: jax.Array, *, positions: j
         body = jax.checkpoint(body, policy=_POLICIES[options.remat], prevent_cse=not options.scan_layers)
 
     layers = params["model"]["layers"]
-    if isinstance(layers, (list, tuple)):  # unstacked (`unstack_layers`): each layer's own arrays, no slicing
-        h, outs = x_btd, []
-        for i, layer_params in enumerate(layers):
-            h, kv = body(h, (layer_params, jax.tree.map(lambda a: a[i], per_layer)))
-            outs.append(kv)
-        new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
-    elif options.scan_layers:
+    if options.scan_layers:
         h, new_kv = jax.lax.scan(body, x_btd, (layers, per_layer))
     else:
         h, outs = x_btd, []
