@@ -19,7 +19,7 @@ request without touching them. Decode attends only to the filled part of the cac
 A slot keeps the tokens it holds (`history`) after it finishes, until it is freed or reused: `add(..., slot=s)`
 to a slot whose history starts like the new prompt prefills only the rest (the chat helper passes the whole
 conversation each turn and pays only for the new messages). Stop strings need the tokenizer and are checked on
-the host by the caller (`jaxft.generate.runner`); EOS ids and stop token sequences are checked on the device
+the host by the caller (`jaxft.generate.StopScanner`); EOS ids and stop token sequences are checked on the device
 inside the decode loop.
 
 Prompt tuning (`virtual_tokens[P, D]`) and prefix tuning (`prefix=(k, v)`, `[L, P, K, hd]` each) are inputs of
@@ -91,6 +91,18 @@ class Event:
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
     finish: str | None = None
+
+
+@dataclasses.dataclass
+class Counters:
+    """What an engine has computed, counted on the host. prefill_calls: prefill passes (one per `add` /
+    `add_many`); prefill_rows: requests prefilled; prefill_tokens: prompt tokens run through the model (the part
+    of a prompt a slot already held is not counted: it is not computed); decode_calls: `step` calls."""
+
+    prefill_calls: int = 0
+    prefill_rows: int = 0
+    prefill_tokens: int = 0
+    decode_calls: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -216,7 +228,7 @@ def _decode(st: _Static, params, extras: dict, slots: Slots, eos, n_steps: int):
     return slots, out, info
 
 
-def _bucket(n: int, least: int = 16) -> int:
+def length_bucket(n: int, least: int = 16) -> int:
     """The next power of two >= n (at least `least`): few compilations for prompts of any length."""
     return max(least, 1 << (max(n, 1) - 1).bit_length())
 
@@ -232,6 +244,7 @@ class Engine:
     (prompt tuning) / prefix (prefix tuning's `(k, v)`, `[L, P, K, hd]`): as `peft.generation_inputs` gives them.
     seed: the engine's PRNG seed for requests that bring none. multi_adapter: keep a per-row adapter id
     (`add(..., adapter_id=)`) passed to the model as `adapter_ids` (a multi-adapter stack in `params`).
+    `counters` (a `Counters`) counts the prefill passes, rows and tokens and the decode calls.
     """
 
     def __init__(self, config: LlamaConfig, params: Any, *, slots: int = 8, max_len: int = 2048,
@@ -260,6 +273,8 @@ class Engine:
             jnp.zeros((b,), jnp.int32), jnp.full((b, n, m), -1, jnp.int32), jnp.full((b, m), -2, jnp.int32),
             jnp.zeros((b,), jnp.int32), jnp.zeros((b,), jnp.int32) if multi_adapter else None)
         self.history: list[list[int]] = [[] for _ in range(b)]   # tokens each slot holds (+ its pending last one)
+        self.counters = Counters()
+        self._history_adapter: list[int | None] = [None] * b  # the adapter id each slot's history was computed with
         self._busy = [False] * b
         self._active = [False] * b
 
@@ -287,11 +302,27 @@ class Engine:
             self.state = dataclasses.replace(self.state, active=self.state.active.at[slot].set(False))
         self._active[slot] = False
 
-    def shared_prefix(self, slot: int, prompt: Sequence[int]) -> int:
-        """How many leading tokens of `prompt` `slot` already holds in its cache (what `add` would not recompute)."""
+    def shared_prefix(self, slot: int, prompt: Sequence[int], adapter_id: int | None = None) -> int:
+        """How many leading tokens of `prompt` `slot` already holds in its cache (what `add` would not recompute)
+        for a request on `adapter_id` (keys and values computed under another adapter are not reused)."""
+        if self._history_adapter[slot] != self._row_adapter(adapter_id):
+            return 0
         hist, full = self.history[slot], [-1] * self._st.n_virtual + [int(t) for t in prompt]
         keep = max(0, min(_common(hist, full), len(hist) - 1, len(full) - 1))
         return 0 if keep < self._st.n_virtual else keep
+
+    def forget(self, adapter_id: int | None = None) -> None:
+        """Drop what the free slots hold, so no later request reuses it: those computed on `adapter_id` (call it
+        when a multi-adapter stack's slot gets another adapter), or all of them (None: after replacing `params`)."""
+        for s in range(self.slots):
+            if not self._busy[s] and (adapter_id is None or self._history_adapter[s] == self._row_adapter(adapter_id)):
+                self.history[s] = []
+
+    def _row_adapter(self, adapter_id: int | None) -> int | None:
+        """The id a row on `adapter_id` carries: None without a multi-adapter stack, -1 (the base) for None."""
+        if self.state.adapter_ids is None:
+            return None
+        return -1 if adapter_id is None else int(adapter_id)
 
     def _check_slot(self, slot: int) -> None:
         if not (isinstance(slot, (int, np.integer)) and not isinstance(slot, bool) and 0 <= slot < self.slots):
@@ -321,38 +352,53 @@ class Engine:
             raise ConfigError("add_many: prompts, samplings, max_new_tokens and stop_token_ids differ in length")
         if adapter_ids is not None and self.state.adapter_ids is None:
             raise ConfigError("adapter_id given but the engine was made without multi_adapter=True")
-        chosen = self._choose_slots(prompts, slots)
-        p_virtual = self._st.n_virtual
-        n_stop, m_stop = self.state.stop_seqs.shape[1:]
+        for i, prompt in enumerate(prompts):
+            self.check_request(prompt, samplings[i], max_new_tokens[i], stop_token_ids[i], where=f"request {i}")
+            if adapter_ids is not None and not isinstance(adapter_ids[i], (int, np.integer)):
+                raise ConfigError(f"request {i}: adapter_id={adapter_ids[i]!r} must be an integer")
+        if self.state.adapter_ids is not None:
+            adapter_ids = [self._row_adapter(None if adapter_ids is None else adapter_ids[i]) for i in range(k)]
+        chosen = self._choose_slots(prompts, slots, adapter_ids)
         rows_starts, pieces = [], []
         for i, (prompt, s) in enumerate(zip(prompts, chosen)):
-            prompt = [int(t) for t in prompt]
-            if not prompt:
-                raise ConfigError(f"request {i}: the prompt is empty; give at least one token")
-            if not isinstance(samplings[i], SamplingParams):
-                raise ConfigError(f"request {i}: sampling must be a jaxft.generate.SamplingParams")
-            if not (isinstance(max_new_tokens[i], int) and max_new_tokens[i] >= 1):
-                raise ConfigError(f"request {i}: max_new_tokens={max_new_tokens[i]!r} must be an integer >= 1")
-            full = [-1] * p_virtual + prompt  # -1 stands for the virtual tokens in the history
-            keep = self.shared_prefix(s, prompt)  # never the pending last token; at least one token to compute
-            need = len(full) + max_new_tokens[i] - 1
-            if need > self.max_len:
-                raise ConfigError(f"request {i}: {len(prompt)} prompt tokens + max_new_tokens={max_new_tokens[i]}"
-                                  f"{f' + {p_virtual} virtual tokens' if p_virtual else ''} need {need} cache "
-                                  f"slots; the engine has max_len={self.max_len}: shorten the prompt or "
-                                  f"max_new_tokens, or make the engine with a larger max_len")
-            seqs = [list(map(int, q)) for q in stop_token_ids[i]]
-            if len(seqs) > n_stop or any(len(q) == 0 or len(q) > m_stop for q in seqs):
-                raise ConfigError(f"request {i}: stop token sequences must be at most {n_stop} non-empty sequences "
-                                  f"of at most {m_stop} tokens (the engine's max_stop_sequences / max_stop_length)")
-            if adapter_ids is not None and not isinstance(adapter_ids[i], int):
-                raise ConfigError(f"request {i}: adapter_id={adapter_ids[i]!r} must be an integer")
+            full = [-1] * self._st.n_virtual + [int(t) for t in prompt]  # -1: the virtual tokens in the history
+            keep = self.shared_prefix(s, prompt, None if adapter_ids is None else adapter_ids[i])  # never the pending last token; at least one token to compute
             rows_starts.append((s, keep))
-            pieces.append((full, seqs))
+            pieces.append((full, [list(map(int, q)) for q in stop_token_ids[i]]))
         events = self._prefill(chosen, rows_starts, pieces, samplings, max_new_tokens, adapter_ids)
         return events
 
-    def _choose_slots(self, prompts, slots) -> list[int]:
+    def check_request(self, prompt: Sequence[int], sampling: SamplingParams = GREEDY, max_new_tokens: int = 1,
+                      stop_token_ids: Sequence[Sequence[int]] = (), *, where: str = "request") -> None:
+        """Raise ConfigError (one line starting with `where`) when `add` would refuse the request: an empty prompt,
+        a token id outside the vocabulary, sampling that is not a SamplingParams, `max_new_tokens` not an integer
+        >= 1, prompt + max_new_tokens beyond the cache, or stop token sequences beyond the engine's capacity.
+        Callers that queue requests (`text.run`, the server) check them all before computing any."""
+        prompt = list(prompt)
+        if not prompt:
+            raise ConfigError(f"{where}: the prompt is empty; give at least one token")
+        vocab = self.config.vocab_size
+        bad = [t for t in prompt if isinstance(t, bool) or not isinstance(t, (int, np.integer)) or not 0 <= t < vocab]
+        if bad:
+            raise ConfigError(f"{where}: prompt token {bad[0]!r} is not a token id of this model (0..{vocab - 1})")
+        if not isinstance(sampling, SamplingParams):
+            raise ConfigError(f"{where}: sampling must be a jaxft.generate.SamplingParams")
+        if isinstance(max_new_tokens, bool) or not (isinstance(max_new_tokens, int) and max_new_tokens >= 1):
+            raise ConfigError(f"{where}: max_new_tokens={max_new_tokens!r} must be an integer >= 1")
+        p_virtual = self._st.n_virtual
+        need = p_virtual + len(prompt) + max_new_tokens - 1  # the last token is emitted, never written
+        if need > self.max_len:
+            raise ConfigError(f"{where}: {len(prompt)} prompt tokens + max_new_tokens={max_new_tokens}"
+                              f"{f' + {p_virtual} virtual tokens' if p_virtual else ''} need {need} cache "
+                              f"slots; the engine has max_len={self.max_len}: shorten the prompt or "
+                              f"max_new_tokens, or make the engine with a larger max_len")
+        n_stop, m_stop = self.state.stop_seqs.shape[1:]
+        seqs = [list(q) for q in stop_token_ids]
+        if len(seqs) > n_stop or any(len(q) == 0 or len(q) > m_stop for q in seqs):
+            raise ConfigError(f"{where}: stop token sequences must be at most {n_stop} non-empty sequences "
+                              f"of at most {m_stop} tokens (the engine's max_stop_sequences / max_stop_length)")
+
+    def _choose_slots(self, prompts, slots, adapter_ids) -> list[int]:
         if slots is not None:
             for s in slots:
                 self._check_slot(s)
@@ -366,16 +412,17 @@ class Engine:
             raise ConfigError(f"{len(prompts)} requests but {len(free)} free slots (of {self.slots}); wait for a "
                               f"request to finish and free its slot, or make the engine with more slots")
         chosen = []
-        for prompt in prompts:  # the free slot sharing the longest prefix with the prompt (chat turns, few-shot)
-            best = max(free, key=lambda s: self.shared_prefix(s, prompt))
+        for i, prompt in enumerate(prompts):  # the free slot sharing the longest prefix (chat turns, few-shot)
+            aid = None if adapter_ids is None else adapter_ids[i]
+            best = max(free, key=lambda s: self.shared_prefix(s, prompt, aid))
             free.remove(best)
             chosen.append(best)
         return chosen
 
     def _prefill(self, chosen, rows_starts, pieces, samplings, max_new_tokens, adapter_ids) -> list[Event]:
         k = len(chosen)
-        kb = _bucket(k, 1)
-        t = _bucket(max(len(full) - keep for (_, keep), (full, _) in zip(rows_starts, pieces)))
+        kb = length_bucket(k, 1)
+        t = length_bucket(max(len(full) - keep for (_, keep), (full, _) in zip(rows_starts, pieces)))
         n_stop, m_stop = self.state.stop_seqs.shape[1:]
         rows = np.full(kb, self.slots, np.int32)          # padding rows point past the batch: dropped
         ids = np.zeros((kb, t), np.int32)
@@ -399,6 +446,9 @@ class Engine:
                 stops[i, j, m_stop - len(q):] = q
             if adapter_ids is not None:
                 adapters[i] = adapter_ids[i]
+        self.counters.prefill_calls += 1
+        self.counters.prefill_rows += k
+        self.counters.prefill_tokens += int(lengths[:k].sum())
         self.state, tok, finish, info = _prefill(
             self._st, self.params, self._extras, self.state, jnp.asarray(rows), jnp.asarray(ids),
             jnp.asarray(lengths), jnp.asarray(start), jnp.asarray(seeds), jnp.asarray(temp), jnp.asarray(topk),
@@ -409,6 +459,7 @@ class Engine:
         events = []
         for i, ((s, keep), (full, _)) in enumerate(zip(rows_starts, pieces)):
             self.history[s] = full + [int(tok[i])]
+            self._history_adapter[s] = None if adapter_ids is None else int(adapter_ids[i])
             self._busy[s] = True
             self._active[s] = finish[i] == RUNNING
             events.append(self._event(s, [int(tok[i])], [a[i:i + 1] for a in info], int(finish[i])))
@@ -422,6 +473,7 @@ class Engine:
         if not any(self._active):
             return []
         before = list(self._active)
+        self.counters.decode_calls += 1
         self.state, out, info = _decode(self._st, self.params, self._extras, self.state, self._eos, int(n))
         out = np.asarray(out)
         finish = np.asarray(self.state.finish)

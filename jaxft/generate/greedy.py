@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import jax
 
 from jaxft.errors import ConfigError
-from jaxft.generate.engine import Engine, _bucket
+from jaxft.generate.engine import Engine, length_bucket
 from jaxft.models.config import LlamaConfig
 from jaxft.models.llama import ModelOptions
 
@@ -34,7 +34,7 @@ def greedy_generate(config: LlamaConfig, params: Any, prompts: Sequence[Sequence
     n_virtual = 0 if virtual_tokens is None else int(virtual_tokens.shape[0])
     need = max(len(p) for p in prompts) + n_virtual + max_new_tokens
     config.check_sequence_length(need + (0 if prefix is None else int(prefix[0].shape[1])), "prompt plus new tokens")
-    engine = Engine(config, params, slots=min(batch_size, len(prompts)), max_len=_bucket(need), options=options,
+    engine = Engine(config, params, slots=min(batch_size, len(prompts)), max_len=length_bucket(need), options=options,
                     eos_token_ids=eos_token_ids, virtual_tokens=virtual_tokens, prefix=prefix)
     waiting = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
     results: list[list[int]] = [[] for _ in prompts]

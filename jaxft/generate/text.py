@@ -17,6 +17,7 @@ from jaxft import peft
 from jaxft.errors import ConfigError, FileFormatError
 from jaxft.generate.engine import Engine, Event
 from jaxft.generate.sampling import GREEDY, SamplingParams
+from jaxft.generate.stops import StopScanner
 from jaxft.io.hf import load_pretrained
 from jaxft.io.tokenizer import load_tokenizer
 from jaxft.models.config import LlamaConfig
@@ -71,56 +72,8 @@ def load_for_generation(model: str, adapter: str | None = None, merge: bool = Fa
     return config, params, tokenizer, extras
 
 
-class _Stream:
-    """One request's text so far: incremental decoding, stop strings, and what was already handed out."""
-
-    def __init__(self, tokenizer, stop: Sequence[str]):
-        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
-        self.tokens: list[int] = []
-        self.logprobs: list[float] | None = None
-        self.top: list | None = None
-        self.text, self.sent, self.finish = "", 0, None
-        self.clean = 0  # tokens known to decode to no stop string
-
-    def add(self, event: Event) -> bool:
-        """Take an event's tokens; True when a stop string ended the text."""
-        self.tokens += event.tokens
-        if event.logprobs is not None:
-            self.logprobs = (self.logprobs or []) + event.logprobs
-        if event.top_logprobs is not None:
-            self.top = (self.top or []) + event.top_logprobs
-        self.text = self.tokenizer.decode(self.tokens, skip_special_tokens=True)
-        self.finish = event.finish
-        hits = [i for i in (self.text.find(s) for s in self.stop) if i >= 0]
-        if not hits:
-            self.clean = len(self.tokens)
-            return False
-        cut = min(hits)
-        n = self.clean + 1  # keep the tokens through the one that completed the stop string
-        while n < len(self.tokens) and not any(
-                s in self.tokenizer.decode(self.tokens[:n], skip_special_tokens=True) for s in self.stop):
-            n += 1
-        self.tokens, self.text, self.finish = self.tokens[:n], self.text[:cut], "stop"
-        if self.logprobs is not None:
-            self.logprobs = self.logprobs[:n]
-        if self.top is not None:
-            self.top = self.top[:n]
-        return True
-
-    def delta(self, final: bool) -> str:
-        """Text not handed out yet. While running, an incomplete UTF-8 character and the last characters that could
-        still begin a stop string are held back."""
-        end = len(self.text)
-        if not final:
-            if self.text.endswith("\ufffd"):
-                end -= 1
-            if self.stop:
-                end = max(self.sent, end - (max(len(s) for s in self.stop) - 1))
-        out, self.sent = self.text[self.sent:end], max(self.sent, end)
-        return out
-
-    def completion(self) -> Completion:
-        return Completion(self.tokens, self.text, self.finish, self.logprobs, self.top)
+def _completion(scan: StopScanner) -> Completion:
+    return Completion(scan.tokens, scan.text, scan.finish, scan.logprobs, scan.top_logprobs)
 
 
 def run(engine: Engine, tokenizer, requests: Sequence[Request], *, check_every: int = 8,
@@ -129,13 +82,15 @@ def run(engine: Engine, tokenizer, requests: Sequence[Request], *, check_every: 
     """Generate every request to completion with continuous batching: requests wait for a free slot and take it as
     earlier ones finish. `on_text(i, delta)` receives request i's new text as it comes (streaming), `on_done(i,
     completion)` each request as it finishes. Slots of
-    finished requests are freed, except those a request named (`Request.slot`: the chat helper keeps its slot)."""
-    streams = [_Stream(tokenizer, r.stop) for r in requests]
+    finished requests are freed, except those a request named (`Request.slot`: the chat helper keeps its slot).
+    Raises ConfigError naming the first bad request (`Engine.check_request`) before anything is computed."""
+    streams = [StopScanner(tokenizer, r.stop) for r in requests]
     waiting = list(range(len(requests)))
     owner: dict[int, int] = {}
-    for r in requests:
-        if not isinstance(r.sampling, SamplingParams):
-            raise ConfigError("Request.sampling must be a jaxft.generate.SamplingParams")
+    for i, r in enumerate(requests):  # every request checked before any is computed
+        engine.check_request(r.prompt, r.sampling, r.max_new_tokens, r.stop_token_ids, where=f"request {i}")
+        if isinstance(r.stop, str) or not all(isinstance(s, str) for s in r.stop):
+            raise ConfigError(f"request {i}: stop must be a list of strings, got {r.stop!r}")
 
     def finish(i: int, slot: int) -> None:
         if on_text is not None:
@@ -148,7 +103,7 @@ def run(engine: Engine, tokenizer, requests: Sequence[Request], *, check_every: 
             engine.stop(slot)
         owner.pop(slot, None)
         if on_done is not None:
-            on_done(i, streams[i].completion())
+            on_done(i, _completion(streams[i]))
 
     def take(events: list[Event]) -> None:
         for e in events:
@@ -183,7 +138,7 @@ def run(engine: Engine, tokenizer, requests: Sequence[Request], *, check_every: 
     while owner or waiting:
         take(engine.step(check_every))
         fill()
-    return [s.completion() for s in streams]
+    return [_completion(s) for s in streams]
 
 
 def _slots_for(engine: Engine, requests: Sequence[Request], free: set) -> list[int]:

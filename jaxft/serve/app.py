@@ -22,6 +22,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from jaxft import peft
 from jaxft.errors import ConfigError, JaxftError
 from jaxft.generate.sampling import SamplingParams
+from jaxft.generate.stops import StopScanner
 from jaxft.generate.text import render_chat
 from jaxft.serve.scheduler import Job, Scheduler
 
@@ -69,8 +70,9 @@ def _adapter_of(state: ServeState, body: dict) -> str | None:
     name = body.get("model")
     if name in (None, state.model_name):
         return None
-    if not isinstance(name, str) or name not in state.scheduler.stack.names:
-        models = ", ".join([state.model_name] + state.scheduler.stack.names)
+    served = state.scheduler.served()
+    if not isinstance(name, str) or name not in served:
+        models = ", ".join([state.model_name] + served)
         raise ApiError(404, f"The model `{name}` does not exist (served: {models}).", "model")
     return name
 
@@ -124,25 +126,29 @@ def _token_str(tokenizer, tid: int) -> str:
 
 def _chat_logprobs(tokenizer, job: Job, start: int, end: int, k: int) -> dict:
     content = []
+    out = job.out
+    logprobs, top_logprobs = out.logprobs or [], out.top_logprobs or []
     for i in range(start, end):
-        tok = _token_str(tokenizer, job.tokens[i])
-        entry = {"token": tok, "logprob": job.logprobs[i], "bytes": list(tok.encode()), "top_logprobs": []}
-        if k and i < len(job.top_logprobs):
+        tok = _token_str(tokenizer, out.tokens[i])
+        entry = {"token": tok, "logprob": logprobs[i], "bytes": list(tok.encode()), "top_logprobs": []}
+        if k and i < len(top_logprobs):
             entry["top_logprobs"] = [{"token": (t := _token_str(tokenizer, tid)), "logprob": lp,
-                                      "bytes": list(t.encode())} for tid, lp in job.top_logprobs[i][:k]]
+                                      "bytes": list(t.encode())} for tid, lp in top_logprobs[i][:k]]
         content.append(entry)
     return {"content": content}
 
 
 def _completion_logprobs(tokenizer, job: Job, start: int, end: int, k: int, offset: int) -> dict:
-    tokens = [_token_str(tokenizer, t) for t in job.tokens[start:end]]
+    out = job.out
+    tokens = [_token_str(tokenizer, t) for t in out.tokens[start:end]]
     offsets, pos = [], offset
     for t in tokens:
         offsets.append(pos)
         pos += len(t)
-    top = [{_token_str(tokenizer, tid): lp for tid, lp in job.top_logprobs[i][:k]} if k else None
-           for i in range(start, end)]
-    return {"tokens": tokens, "token_logprobs": job.logprobs[start:end], "top_logprobs": top,
+    top_logprobs = out.top_logprobs or []
+    top = [{_token_str(tokenizer, tid): lp for tid, lp in top_logprobs[i][:k]} if k and i < len(top_logprobs)
+           else None for i in range(start, end)]
+    return {"tokens": tokens, "token_logprobs": (out.logprobs or [])[start:end], "top_logprobs": top,
             "text_offset": offsets}
 
 
@@ -173,14 +179,15 @@ def create_app(state: ServeState) -> FastAPI:
         data = [{"id": state.model_name, "object": "model", "created": state.created, "owned_by": "jaxft",
                  "root": state.model_name, "parent": None, "max_model_len": state.max_model_len}]
         data += [{"id": n, "object": "model", "created": state.created, "owned_by": "jaxft", "root": n,
-                  "parent": state.model_name} for n in sched.stack.names]
+                  "parent": state.model_name} for n in sched.served()]
         return {"object": "list", "data": data}
 
     @app.get("/metrics")
     async def metrics():
         m = dataclasses.asdict(sched.metrics)
-        lines = [f"jaxft_{k}{'_total' if k != 'max_rows' else ''} {v}" for k, v in m.items()]
-        lines.append(f"jaxft_loaded_adapters {len(sched.stack.names)}")
+        lines = [f"jaxft_{k}{'' if k.startswith('max_') else '_total'} {v}" for k, v in m.items()]
+        lines.append(f"jaxft_loaded_adapters {len(sched.served())}")
+        lines.append(f"jaxft_waiting_requests {sched.waiting()}")
         return PlainTextResponse("\n".join(lines) + "\n")
 
     @app.post("/v1/load_lora_adapter")
@@ -193,7 +200,7 @@ def create_app(state: ServeState) -> FastAPI:
             raise ApiError(400, f"'{name}' is the base model's name; choose another lora_name", "lora_name")
         try:
             spec, tree = await asyncio.to_thread(peft.load_adapter, path, state.config)
-            await asyncio.wrap_future(sched.call(lambda: _add(sched, name, spec, tree)))
+            await asyncio.wrap_future(sched.call(lambda: sched.load(name, spec, tree)))
         except JaxftError as e:
             raise ApiError(400, str(e), "lora_path") from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' added successfully.")
@@ -202,10 +209,10 @@ def create_app(state: ServeState) -> FastAPI:
     async def unload_lora_adapter(request: Request):
         body = await _body(request)
         name = body.get("lora_name")
-        if name not in sched.stack.names:
+        if name not in sched.served():
             raise ApiError(404, f"The lora adapter '{name}' cannot be found.", "lora_name")
-        try:
-            await asyncio.wrap_future(sched.call(lambda: _remove(sched, name)))
+        try:  # requests already accepted finish on it; new ones are refused from now on
+            await asyncio.wrap_future(sched.call(lambda: sched.unload(name)))
         except JaxftError as e:
             raise ApiError(400, str(e), "lora_name") from None
         return PlainTextResponse(f"Success: LoRA adapter '{name}' removed successfully.")
@@ -257,7 +264,7 @@ def create_app(state: ServeState) -> FastAPI:
         jobs = []
         for i in range(n):
             seeded = sp if sp.seed is None else dataclasses.replace(sp, seed=sp.seed + i)
-            jobs.append(Job(list(prompt), seeded, max_tokens, adapter, stop, on_event))
+            jobs.append(Job(list(prompt), seeded, max_tokens, adapter, StopScanner(state.tokenizer, stop), on_event))
         for j in jobs:
             sched.submit(j)
         index = {id(j): i for i, j in enumerate(jobs)}
@@ -265,7 +272,7 @@ def create_app(state: ServeState) -> FastAPI:
         obj = "chat.completion" if chat else "text_completion"
 
         def usage():
-            done = sum(len(j.tokens) for j in jobs)
+            done = sum(len(j.out.tokens) for j in jobs)
             return {"prompt_tokens": len(prompt), "completion_tokens": done, "total_tokens": len(prompt) + done}
 
         if not stream:
@@ -276,17 +283,18 @@ def create_app(state: ServeState) -> FastAPI:
                     for j in jobs:
                         j.cancelled = True
                     raise ApiError(400, str(error))
-                if job.finish is not None:
+                if job.out.finish is not None:
                     pending -= 1
             choices = []
             for i, j in enumerate(jobs):
+                o = j.out
                 if chat:
-                    c = {"index": i, "message": {"role": "assistant", "content": j.text},
-                         "logprobs": _chat_logprobs(state.tokenizer, j, 0, len(j.tokens), k) if want_lp else None,
-                         "finish_reason": j.finish}
+                    c = {"index": i, "message": {"role": "assistant", "content": o.text},
+                         "logprobs": _chat_logprobs(state.tokenizer, j, 0, len(o.tokens), k) if want_lp else None,
+                         "finish_reason": o.finish}
                 else:
-                    c = {"index": i, "text": j.text, "finish_reason": j.finish,
-                         "logprobs": _completion_logprobs(state.tokenizer, j, 0, len(j.tokens), k, 0)
+                    c = {"index": i, "text": o.text, "finish_reason": o.finish,
+                         "logprobs": _completion_logprobs(state.tokenizer, j, 0, len(o.tokens), k, 0)
                          if want_lp else None}
                 choices.append(c)
             return {**meta, "object": obj, "choices": choices, "usage": usage()}
@@ -311,26 +319,27 @@ def create_app(state: ServeState) -> FastAPI:
                                               "param": None, "code": 400}})
                         pending -= 1
                         continue
-                    start, end = marks[id(job)], len(job.tokens)
+                    o = job.out
+                    start, end = marks[id(job)], len(o.tokens)
                     marks[id(job)] = end
                     lp = None
                     if want_lp and end > start:
                         lp = (_chat_logprobs(state.tokenizer, job, start, end, k) if chat else
-                              _completion_logprobs(state.tokenizer, job, start, end, k, job.sent - len(delta)))
-                    if job.finish is not None:
+                              _completion_logprobs(state.tokenizer, job, start, end, k, o.sent - len(delta)))
+                    if o.finish is not None:
                         pending -= 1
-                    if not delta and job.finish is None and lp is None:
+                    if not delta and o.finish is None and lp is None:
                         continue
                     choice = ({"index": i, "delta": {"content": delta} if delta else {}, "logprobs": lp,
-                               "finish_reason": job.finish} if chat else
-                              {"index": i, "text": delta, "logprobs": lp, "finish_reason": job.finish})
+                               "finish_reason": o.finish} if chat else
+                              {"index": i, "text": delta, "logprobs": lp, "finish_reason": o.finish})
                     yield _sse({**meta, "object": obj_chunk, "choices": [choice]})
                 if include_usage:
                     yield _sse({**meta, "object": obj_chunk, "choices": [], "usage": usage()})
                 yield "data: [DONE]\n\n"
             finally:
                 for j in jobs:  # a client that went away frees its rows
-                    j.cancelled = j.finish is None
+                    j.cancelled = j.out.finish is None
 
         return StreamingResponse(events(), media_type="text/event-stream")
 
@@ -348,16 +357,3 @@ def create_app(state: ServeState) -> FastAPI:
 def _sse(obj: dict) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
-
-def _add(sched: Scheduler, name: str, spec, tree) -> int:
-    slot = sched.stack.add(name, spec, tree, sched.base_params)
-    sched.rebind()
-    return slot
-
-
-def _remove(sched: Scheduler, name: str) -> int:
-    if name in sched.adapters_in_use():
-        raise ConfigError(f"adapter '{name}' is serving requests; unload it when they are done")
-    slot = sched.stack.remove(name)
-    sched.rebind()
-    return slot

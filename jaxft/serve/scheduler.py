@@ -1,10 +1,15 @@
 """The server's scheduler: one background thread owns the generation engine and the adapter stack.
 
-Requests (from any thread) wait in a queue; the loop admits them into free engine slots (each prefill names its
-row's adapter slot, -1 for the base), runs decode steps over every active slot at once (rows on different adapters
-share one multi-adapter pass: `jaxft.peft.multi`), and hands each request its tokens and text as they come through
-a callback. Adapter loads and unloads run in the same thread between passes, so the stack's arrays never change
-under a running step; the engine's parameters are rebound (same shapes: no recompilation).
+Requests (from any thread) wait in a queue; the loop admits the waiting ones into free engine slots together, one
+prefill pass per prompt-length bucket (each row names its adapter slot, -1 for the base), runs decode steps over
+every active slot at once (rows on different adapters share one multi-adapter pass: `jaxft.peft.multi`), and hands
+each request its tokens and text as they come through a callback (stop strings: `jaxft.generate.StopScanner`).
+Adapter loads and unloads run in the same thread between passes, so the stack's arrays never change under a
+running step; the engine's parameters are rebound (same shapes: no recompilation).
+
+Unloading an adapter that requests use (running or already accepted) takes it out of service at once (new
+requests for it are refused) and frees its stack slot when the last of them finishes, as vLLM does; until then
+the name cannot be loaded again.
 
 A request the engine refuses (which the HTTP layer's checks should have caught) fails alone: its callback gets the
 error, the other rows go on.
@@ -18,29 +23,25 @@ import queue
 import threading
 from typing import Any, Callable, Sequence
 
-from jaxft.errors import JaxftError
-from jaxft.generate.engine import Engine, Event
+from jaxft.errors import ConfigError, JaxftError
+from jaxft.generate.engine import Engine, Event, length_bucket
 from jaxft.generate.sampling import SamplingParams
+from jaxft.generate.stops import StopScanner
 from jaxft.peft.multi import BASE, AdapterStack, bind_stack
 
 
 @dataclasses.dataclass
 class Job:
-    """One sequence to generate. `on_event(job, delta_text, event_or_None, error_or_None)` is called from the
-    scheduler thread: with each new piece of text, and a last time with `job.finish` set (or an error)."""
+    """One sequence to generate. `out` holds what it produced so far (tokens, logprobs, text cut at a stop
+    string, finish reason). `on_event(job, delta_text, event_or_None, error_or_None)` is called from the scheduler
+    thread: with each new piece of text, and a last time with `job.out.finish` set (or an error)."""
 
     prompt: list[int]
     sampling: SamplingParams
     max_tokens: int
     adapter: str | None
-    stop: Sequence[str]
+    out: StopScanner
     on_event: Callable[..., Any]
-    tokens: list[int] = dataclasses.field(default_factory=list)
-    logprobs: list[float] = dataclasses.field(default_factory=list)
-    top_logprobs: list[list[tuple[int, float]]] = dataclasses.field(default_factory=list)
-    text: str = ""
-    sent: int = 0
-    finish: str | None = None
     cancelled: bool = False
 
 
@@ -48,13 +49,17 @@ class Job:
 class Metrics:
     """Counters shown at /metrics. decode_passes: engine decode calls; multi_row_passes: those with >= 2 active rows;
     multi_adapter_passes: those whose active rows used >= 2 different adapters (the base counts as one);
-    max_rows: the most rows one pass decoded."""
+    max_rows: the most rows one pass decoded. prefill_passes: engine prefill calls (requests admitted together share
+    one per prompt-length bucket); prefill_rows: requests they prefilled; max_prefill_rows: the most in one."""
 
     requests: int = 0
     decode_passes: int = 0
     multi_row_passes: int = 0
     multi_adapter_passes: int = 0
     max_rows: int = 0
+    prefill_passes: int = 0
+    prefill_rows: int = 0
+    max_prefill_rows: int = 0
     prompt_tokens: int = 0
     generated_tokens: int = 0
 
@@ -72,6 +77,7 @@ class Scheduler:
         self._stop = threading.Event()
         self._owner: dict[int, Job] = {}
         self._waiting: list[Job] = []
+        self._draining: frozenset[str] = frozenset()  # unloaded adapters that accepted requests still use
         self._thread = threading.Thread(target=self._loop, name="jaxft-serve-scheduler", daemon=True)
 
     def start(self) -> None:
@@ -93,28 +99,69 @@ class Scheduler:
         self._wake.set()
         return fut
 
-    def adapters_in_use(self) -> set[str]:
-        return {j.adapter for j in list(self._owner.values()) + list(self._waiting) if j.adapter is not None}
+    def served(self) -> list[str]:
+        """The adapters new requests may name: loaded and not being unloaded (safe from any thread)."""
+        draining = self._draining
+        return [n for n in list(self.stack.names) if n not in draining]
+
+    def waiting(self) -> int:
+        """Requests submitted and not yet admitted."""
+        return self._jobs.qsize() + len(self._waiting)
 
     def rebind(self) -> None:
         """Give the engine the stack's current arrays (after `stack.add` / `remove`; same shapes, no recompile)."""
         self.engine.params = bind_stack(self.base_params, self.stack.arrays)
 
+    # ---- adapter changes (run them through `call`) ----
+    def load(self, name: str, spec: Any, tree: dict) -> int:
+        """Write an adapter into a free stack slot; its stack slot. Scheduler thread only."""
+        if name in self._draining:
+            raise ConfigError(f"adapter '{name}' is being unloaded; requests still use it: load it again when they "
+                              "finish, or under another name")
+        slot = self.stack.add(name, spec, tree, self.base_params)
+        self.rebind()
+        return slot
+
+    def unload(self, name: str) -> int:
+        """Take `name` out of service now; free its stack slot once no accepted request uses it (at once when none
+        does). Returns the requests still using it. Scheduler thread only."""
+        if name not in self.served():
+            raise ConfigError(f"adapter '{name}' is not loaded (loaded: {', '.join(self.served()) or 'none'})")
+        self._pull_jobs()  # requests accepted before the unload finish on the adapter
+        self._draining = self._draining | {name}
+        users = sum(j.adapter == name for j in list(self._owner.values()) + self._waiting)
+        self._retire()
+        return users
+
+    def _retire(self) -> None:
+        """Free the stack slots of unloaded adapters no request uses any more."""
+        if not self._draining:
+            return
+        used = {j.adapter for j in list(self._owner.values()) + self._waiting}
+        for name in self._draining - used:
+            slot = self.stack.remove(name)
+            self.engine.forget(slot)  # the slot's id will mean another adapter: drop caches computed with it
+            self._draining = self._draining - {name}
+            self.rebind()
+
     # ---- the loop ----
     def _loop(self) -> None:
         while not self._stop.is_set():
             self._run_calls()
-            while True:
-                try:
-                    self._waiting.append(self._jobs.get_nowait())
-                except queue.Empty:
-                    break
+            self._pull_jobs()
             self._admit()
             if self._owner:
                 self._step()
             elif not self._waiting:
                 self._wake.wait(0.05)
                 self._wake.clear()
+
+    def _pull_jobs(self) -> None:
+        while True:
+            try:
+                self._waiting.append(self._jobs.get_nowait())
+            except queue.Empty:
+                return
 
     def _run_calls(self) -> None:
         while True:
@@ -128,24 +175,45 @@ class Scheduler:
                 fut.set_exception(e)
 
     def _admit(self) -> None:
-        for job in list(self._waiting):
-            free = self.engine.free_slots()
-            if not free:
-                return
-            self._waiting.remove(job)
+        """Admit waiting jobs into the free slots: each checked alone (a bad one fails alone), then prefilled
+        together, one `add_many` per prompt-length bucket."""
+        free = len(self.engine.free_slots())
+        batch: list[tuple[Job, int]] = []
+        while self._waiting and len(batch) < free:
+            job = self._waiting.pop(0)
             if job.cancelled:
                 continue
             try:
                 slot_id = BASE if job.adapter is None else self.stack.slot(job.adapter)
-                event = self.engine.add(job.prompt, job.sampling, max_new_tokens=job.max_tokens, adapter_id=slot_id,
-                                        slot=free[0])
+                self.engine.check_request(job.prompt, job.sampling, job.max_tokens)
             except JaxftError as e:
                 job.on_event(job, "", None, e)
                 continue
-            self.metrics.requests += 1
-            self.metrics.prompt_tokens += len(job.prompt)
-            self._owner[event.slot] = job
-            self._take(event)
+            batch.append((job, slot_id))
+        groups: dict[int, list[tuple[Job, int]]] = {}
+        for job, slot_id in batch:
+            groups.setdefault(length_bucket(len(job.prompt)), []).append((job, slot_id))
+        for group in groups.values():
+            jobs = [j for j, _ in group]
+            try:
+                events = self.engine.add_many([j.prompt for j in jobs], [j.sampling for j in jobs],
+                                              max_new_tokens=[j.max_tokens for j in jobs],
+                                              adapter_ids=[a for _, a in group])
+            except JaxftError as e:
+                for j in jobs:
+                    j.on_event(j, "", None, e)
+                continue
+            m = self.metrics
+            m.requests += len(jobs)
+            m.prompt_tokens += sum(len(j.prompt) for j in jobs)
+            m.prefill_passes += 1
+            m.prefill_rows += len(jobs)
+            m.max_prefill_rows = max(m.max_prefill_rows, len(jobs))
+            for job, event in zip(jobs, events):
+                self._owner[event.slot] = job
+            for event in events:
+                self._take(event)
+        self._retire()
 
     def _step(self) -> None:
         rows = [self._owner[s] for s in self.engine.active_slots() if s in self._owner]
@@ -162,29 +230,17 @@ class Scheduler:
         for slot, job in list(self._owner.items()):
             if job.cancelled:
                 self._release(slot)
+        self._retire()
 
     def _take(self, event: Event) -> None:
         job = self._owner[event.slot]
-        job.tokens += event.tokens
-        self.metrics.generated_tokens += len(event.tokens)
-        if event.logprobs is not None:
-            job.logprobs += event.logprobs
-        if event.top_logprobs is not None:
-            job.top_logprobs += event.top_logprobs
-        job.text = self.tokenizer.decode(job.tokens, skip_special_tokens=True)
-        finish = event.finish
-        hits = [i for i in (job.text.find(s) for s in job.stop if s) if i >= 0]
-        if hits:  # OpenAI's convention: the text ends before the stop string, which is not returned
-            job.text, finish = job.text[:min(hits)], "stop"
-        end = len(job.text)
-        if finish is None:  # hold back a partial UTF-8 character and what could still begin a stop string
-            if job.text.endswith("\ufffd"):
-                end -= 1
-            longest = max((len(s) for s in job.stop if s), default=1)
-            end = max(job.sent, end - (longest - 1))
-        delta, job.sent = job.text[job.sent:end], max(job.sent, end)
-        if finish is not None:
-            job.finish = finish
+        out = job.out
+        before = len(out.tokens)
+        stopped = out.add(event)
+        self.metrics.generated_tokens += len(out.tokens) - before
+        finished = stopped or out.finish is not None
+        delta = out.delta(final=finished)
+        if finished:
             self._release(event.slot)
         job.on_event(job, delta, event, None)
 
