@@ -95,6 +95,28 @@ def _ids(served, text):
     return served["state"].tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def _metrics(served) -> dict:
+    text = httpx.get(served["url"] + "/metrics").text
+    return {k: int(v) for k, v in (line.split() for line in text.strip().splitlines())}
+
+
+class _Hold:
+    """Holds the scheduler thread (a `call` that waits) until released: requests sent meanwhile queue up."""
+
+    def __init__(self, sched, then=None):
+        self.gate, self.then = threading.Event(), then
+        self.future = sched.call(self._wait)
+
+    def _wait(self):
+        out = self.then() if self.then is not None else None
+        assert self.gate.wait(60), "never released"
+        return out
+
+    def release(self):
+        self.gate.set()
+        return self.future.result(timeout=60)
+
+
 def test_concurrent_requests_to_different_adapters_match_single_adapter_decoding(served):
     client = served["client"]
     prompts = {"sql": "select the rows", "poet": "the sea at night", "tiny": "hello there"}
@@ -104,18 +126,45 @@ def test_concurrent_requests_to_different_adapters_match_single_adapter_decoding
 
     jobs = [("sql", prompts["sql"]), ("poet", prompts["poet"]), ("tiny", prompts["tiny"]),
             ("poet", prompts["sql"]), ("sql", prompts["poet"]), ("tiny", prompts["sql"])]
+    before = _metrics(served)
+    hold = _Hold(served["state"].scheduler)  # the six arrive together: one prefill pass (all prompts < 16 tokens)
     with concurrent.futures.ThreadPoolExecutor(len(jobs)) as pool:
-        results = list(pool.map(lambda j: complete(*j), jobs))
+        futures = [pool.submit(complete, *j) for j in jobs]
+        deadline = time.monotonic() + 60
+        while _metrics(served)["jaxft_waiting_requests"] < len(jobs) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        hold.release()
+        results = [f.result() for f in futures]
+    after = _metrics(served)
+    assert after["jaxft_prefill_passes_total"] - before["jaxft_prefill_passes_total"] == 1, after
+    assert after["jaxft_prefill_rows_total"] - before["jaxft_prefill_rows_total"] == len(jobs)
+    assert after["jaxft_max_prefill_rows"] == len(jobs)
     for (model, prompt), r in zip(jobs, results):
         assert r.choices[0].text == _reference(served, model, _ids(served, prompt)), (model, prompt)
         assert r.usage.prompt_tokens == len(_ids(served, prompt)) and r.usage.completion_tokens == NEW
         assert r.choices[0].finish_reason == "length"
     # the adapters change the replies (else the comparison above could not tell them apart)
     assert len({_reference(served, m, _ids(served, prompts["sql"])) for m in ("sql", "poet", "tiny")}) == 3
-    metrics = httpx.get(served["url"] + "/metrics").text
-    values = dict(line.split() for line in metrics.strip().splitlines())
-    assert int(values["jaxft_multi_adapter_passes_total"]) >= 1, metrics  # rows of different adapters, one pass
-    assert int(values["jaxft_max_rows"]) >= 2
+    assert after["jaxft_multi_adapter_passes_total"] >= 1, after  # rows of different adapters, one pass
+    assert after["jaxft_max_rows"] >= 2
+
+
+def test_stop_strings_and_no_cache_reuse_across_adapters(served):
+    """A stop string cuts the text before it, finish_reason "stop", usage counts the tokens through the one that
+    completed it. The same prompt on another adapter right after (a freed slot holding that prompt's cache,
+    computed with the first adapter) must not reuse that cache: its reply equals its own reference."""
+    client, tok = served["client"], served["state"].tokenizer
+    prompt = "the sea at night"
+    first = client.completions.create(model="sql", prompt=prompt, max_tokens=NEW, temperature=0)
+    assert first.choices[0].text == _reference(served, "sql", _ids(served, prompt))
+    want = _reference(served, "poet", _ids(served, prompt))
+    toks = greedy_generate(served["config"], peft.bind(served["params"], *served["adapters"]["poet"]),
+                           [_ids(served, prompt)], max_new_tokens=NEW, eos_token_ids=[tok.eos_token_id])[0]
+    stop, at = next((want[i:i + 3], i) for i in range(len(want) // 2, len(want) - 3) if want.find(want[i:i + 3]) == i)
+    used = next(n for n in range(1, NEW + 1) if stop in tok.decode(toks[:n], skip_special_tokens=True))
+    got = client.completions.create(model="poet", prompt=prompt, max_tokens=NEW, temperature=0, stop=[stop])
+    assert got.choices[0].text == want[:at] and got.choices[0].finish_reason == "stop"
+    assert got.usage.completion_tokens == used
 
 
 def test_chat_stream_n_seed_logprobs_and_defaults(served):
