@@ -45,6 +45,14 @@ def hf_tiny(variant: str, seed: int = 0):
     return model
 
 
+def write_arithmetic_chats(path: str, rows: int, mod: int) -> None:
+    """A chat JSONL of `rows` sums ("What is i plus i % mod?" -> the answer), the tiny trainer runs' data."""
+    with open(path, "w") as f:
+        for i in range(rows):
+            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i % mod}?"},
+                                             {"role": "assistant", "content": str(i + i % mod)}]}) + "\n")
+
+
 def write_tiny_smollm_vocab_model(d: str, hidden: int = 32, intermediate: int = 64) -> None:
     """A random tiny Llama (2 layers, 4 heads, 2 KV heads, tied) whose vocabulary is SmolLM2's, with that tokenizer
     saved beside it: a model directory the trainer runs end to end in seconds."""

@@ -6,7 +6,6 @@ in a lora run. Through the trainer's stages: a tiny qlora run starts from the sa
 
 from __future__ import annotations
 
-import json
 import os
 import warnings
 
@@ -22,7 +21,7 @@ from jaxft.schema import ConfigError
 from jaxft.train import build, prepare
 from jaxft.train.config import method_spec, parse_config
 from jaxft.train.preflight import resolve_init_from
-from hf_models import write_tiny_smollm_vocab_model
+from hf_models import write_arithmetic_chats, write_tiny_smollm_vocab_model
 
 CONFIG = LlamaConfig(vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                      num_key_value_heads=2, head_dim=16)
@@ -96,10 +95,7 @@ def test_qlora_run_continues_a_saved_adapter(tmp_path):
     adapter has B = 0), over an NF4 base, and the recorded method is the file's under type qlora."""
     os.makedirs(tmp_path / "model")
     write_tiny_smollm_vocab_model(str(tmp_path / "model"), hidden=64, intermediate=128)
-    with open(tmp_path / "train.jsonl", "w") as f:
-        for i in range(8):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i % 5}?"},
-                                             {"role": "assistant", "content": str(i + i % 5)}]}) + "\n")
+    write_arithmetic_chats(str(tmp_path / "train.jsonl"), 8, 5)
     config, base = jaxft.load_pretrained(str(tmp_path / "model"), quantize=quant.QuantPlan())
     spec = method_spec(METHODS["lora"])
     rng = np.random.default_rng(0)

@@ -11,7 +11,7 @@ import os
 import pytest
 import yaml
 
-from hf_models import write_tiny_smollm_vocab_model
+from hf_models import write_arithmetic_chats, write_tiny_smollm_vocab_model
 from jaxft.train.__main__ import main
 
 # The merged export against the quantised-base model (jaxft, fp32): 2.7e-7 max relative logit error measured;
@@ -24,10 +24,7 @@ def tmp(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("qlora_run")
     os.makedirs(tmp / "model")
     write_tiny_smollm_vocab_model(str(tmp / "model"), hidden=64, intermediate=128)
-    with open(tmp / "train.jsonl", "w") as f:
-        for i in range(40):
-            f.write(json.dumps({"messages": [{"role": "user", "content": f"What is {i} plus {i % 7}?"},
-                                             {"role": "assistant", "content": str(i + i % 7)}]}) + "\n")
+    write_arithmetic_chats(str(tmp / "train.jsonl"), 40, 7)
     return tmp
 
 
