@@ -205,10 +205,10 @@ def logits_of(config: LlamaConfig, params: dict, h: jax.Array) -> jax.Array:
     """Logits `[..., V]` (float32) of hidden states `h[..., D]`. A tied plain embedding table `[V, D]` is
     contracted as stored: `h @ table.T` written as a transpose makes XLA:CPU copy the whole table every call
     (113 MB for SmolLM2, more than a decode step's layers read)."""
-    table = params["model"]["embed_tokens"]["weight"]
-    if config.tie_word_embeddings and not isinstance(table, Weight):
-        return jnp.einsum("...d,vd->...v", h, table.astype(h.dtype)).astype(jnp.float32)
-    return linear(h, head_weight(config, params)).astype(jnp.float32)
+    w, transposed = loss_head(config, params)
+    if transposed:
+        return jnp.einsum("...d,vd->...v", h, w.astype(h.dtype)).astype(jnp.float32)
+    return linear(h, w).astype(jnp.float32)
 
 
 def loss_head(config: LlamaConfig, params: dict) -> tuple[Any, bool]:
@@ -266,13 +266,13 @@ def decoder(config: LlamaConfig, params: dict, x_btd: jax.Array, *, positions: j
     if options.remat != "none":
         body = jax.checkpoint(body, policy=_POLICIES[options.remat], prevent_cse=not options.scan_layers)
 
-    layers = params["model"]["layers"]
+    xs = (params["model"]["layers"], per_layer)
     if options.scan_layers:
-        h, new_kv = jax.lax.scan(body, x_btd, (layers, per_layer))
+        h, new_kv = jax.lax.scan(body, x_btd, xs)
     else:
         h, outs = x_btd, []
         for i in range(c.num_hidden_layers):
-            h, kv = body(h, jax.tree.map(lambda a: a[i], (layers, per_layer)))
+            h, kv = body(h, jax.tree.map(lambda a: a[i], xs))
             outs.append(kv)
         new_kv = None if cache is None else jax.tree.map(lambda *a: jnp.stack(a), *outs)
     h = rms_norm(h, params["model"]["norm"]["weight"], c.rms_norm_eps)
