@@ -242,6 +242,7 @@ class Scheduler:
         delta = out.delta(final=finished)
         if finished:
             self._release(event.slot)
+            self._retire()  # before the client hears it is done: a reload right after must find the name free
         job.on_event(job, delta, event, None)
 
     def _release(self, slot: int) -> None:

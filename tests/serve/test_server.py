@@ -233,3 +233,53 @@ def test_load_and_unload_adapters_without_recompiling(served):
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="late", prompt="warm", max_tokens=2)
     assert engine is served["state"].scheduler.engine
+
+
+def test_unload_drains_accepted_requests_then_frees_the_slot(served):
+    """An adapter unloaded while a request for it waits: the request still finishes on that adapter (its reply is
+    its own reference), new requests for the name are refused at once, and the stack slot is freed only when the
+    request is done (then the name can be loaded again)."""
+    client, url, sched = served["client"], served["url"], served["state"].scheduler
+    path = str(served["root"] / "late")
+    if "late" not in sched.served():  # (an earlier test may have unloaded it)
+        assert httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": path}).status_code == 200
+    want = _reference(served, "late", _ids(served, "warm"))
+    seen = {}
+    hold = _Hold(sched)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        reply = pool.submit(client.completions.create, model="late", prompt="warm", max_tokens=NEW, temperature=0)
+        deadline = time.monotonic() + 60
+        while sched.waiting() < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        unloaded = pool.submit(httpx.post, url + "/v1/unload_lora_adapter", json={"lora_name": "late"}, timeout=60)
+        while sched._calls.qsize() < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # runs in the scheduler thread right after the unload, before the request is admitted
+        during = _Hold(sched, then=lambda: seen.update(served=sched.served(), names=list(sched.stack.names)))
+        hold.release()
+        assert unloaded.result().status_code == 200
+        deadline = time.monotonic() + 60
+        while not seen and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert "late" not in seen["served"] and "late" in seen["names"], seen  # out of service, slot still held
+        with pytest.raises(openai.NotFoundError):
+            client.completions.create(model="late", prompt="warm", max_tokens=2)
+        during.release()
+        got = reply.result()
+    assert got.choices[0].text == want and got.usage.completion_tokens == NEW
+    assert "late" not in sched.stack.names  # freed once its last request finished
+    assert httpx.post(url + "/v1/load_lora_adapter", json={"lora_name": "late", "lora_path": path}).status_code == 200
+    assert client.completions.create(model="late", prompt="warm", max_tokens=NEW, temperature=0).choices[0].text == want
+
+
+@pytest.mark.parametrize("extra, field", [({"top_p": 0}, "top_p"), ({"top_p": 1.5}, "top_p"),
+                                          ({"min_p": -0.1}, "min_p"), ({"min_p": 2}, "min_p"),
+                                          ({"top_k": -2}, "top_k"), ({"n": 0}, "n"), ({"n": 17}, "n"),
+                                          ({"temperature": "hot"}, "temperature"), ({"seed": 1.5}, "seed"),
+                                          ({"logprobs": 99}, "logprobs")])
+def test_sampling_parameters_out_of_range_get_a_400_naming_the_field(served, extra, field):
+    r = httpx.post(served["url"] + "/v1/completions", json={"model": "sql", "prompt": "x", "max_tokens": 2, **extra},
+                   timeout=60)
+    assert r.status_code == 400, (extra, r.text)
+    err = r.json()["error"]
+    assert err["type"] == "invalid_request_error" and field in err["message"], err
