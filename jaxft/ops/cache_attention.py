@@ -3,7 +3,7 @@
 Generation writes each row's keys/values at its own slot index, so rows of a batch are filled to different lengths.
 A decode step must not pay for the whole cache: the key blocks are read in a `fori_loop` whose trip count is the
 longest filled length among the rows that take part (a traced bound), so the work follows what was written, not the
-capacity. The new tokens' own keys/values (and prefix tuning's) are attended directly and merged with the cached
+capacity; with a sliding window, the blocks before every row's window are skipped too. The new tokens' own keys/values (and prefix tuning's) are attended directly and merged with the cached
 blocks by the usual running max / running sum (FlashAttention's forward pass), so the cache need not be written
 before it is read: the caller writes the new keys/values after the layer stack, in place on a donated buffer.
 """
@@ -89,6 +89,9 @@ def cache_attention(q_bthd: jax.Array, k_btkd: jax.Array, v_btkd: jax.Array, mas
         return m_new, l, acc
 
     n_blocks = (jnp.minimum(bound, s) + block - 1) // block
-    m, l, acc = jax.lax.fori_loop(0, n_blocks, body, (m, l, acc))
+    first = 0
+    if window is not None:  # blocks wholly before every row's window are skipped (a query sees j > its slot - window)
+        first = jnp.clip((jnp.min(cache_len) - window + 1) // block, 0, n_blocks)
+    m, l, acc = jax.lax.fori_loop(first, n_blocks, body, (m, l, acc))
     out = (acc / l[..., None]).astype(v_btkd.dtype)                    # [B, K, G, T, hd]
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, h * hd)

@@ -73,3 +73,20 @@ def test_blocks_past_the_bound_are_not_read():
     real = np.asarray(qs != 0)
     assert np.isfinite(np.asarray(got)[real]).all()
     assert rel_err(np.asarray(got)[real], np.asarray(want)[real]) <= TOL
+
+
+def test_blocks_before_every_rows_window_are_not_read():
+    """With a sliding window of 6 and every row filled past 18 slots, the first block (slots 0-7) lies before every
+    query's window: its values are NaN and the output stays finite and equal to the flat reference. With the loop
+    starting at block 0 as before, this test fails."""
+    q, k, v, ck, cv, _, _, qs, pk, pv = _case(4)
+    cl = jnp.asarray([20, 26, 18], jnp.int32)
+    cs = (jnp.arange(S)[None] < cl[:, None]).astype(jnp.int32)
+    want, new_vis = _reference(q, k, v, ck, cv, cl, cs, qs, pk, pv, 1, 6)
+    cv = cv.at[:, :, :BLOCK].set(jnp.nan)
+    ck = ck.at[:, :, :BLOCK].set(jnp.nan)
+    got = jax.jit(cache_attention, static_argnames=("block",))(
+        q, k, v, new_vis, qs, ck, cv, jnp.int32(1), cs, cl, jnp.max(cl), 6, None, None, block=BLOCK)
+    real = np.asarray(qs != 0)
+    assert np.isfinite(np.asarray(got)[real]).all()
+    assert rel_err(np.asarray(got)[real], np.asarray(want)[real]) <= TOL
