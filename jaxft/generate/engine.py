@@ -7,7 +7,7 @@
             print(event.slot, event.tokens, event.finish)
     engine.free(first.slot)                 # the slot may now take another request
 
-The device state (`Slots`) is one pytree: the KV cache `[L, B, S, K, hd]` with a write index per row, each row's
+The device state (`Slots`) is one pytree: the KV cache `[L, B, K, S, hd]` with a write index per row, each row's
 last token, sampling parameters, PRNG key, token budget, stop token sequences and finish reason. `add` (prefill)
 and `step` (decode) are jitted functions that take it donated and return it updated, so the cache is allocated
 once and written in place across requests and chat turns. Rows are independent: each has its own length (prompts

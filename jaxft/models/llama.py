@@ -60,8 +60,9 @@ _POLICIES = {
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class KVCache:
-    """Keys/values of every layer for generation: `k, v[L, B, S, K, hd]`, `segment_ids[B, S]` (0 = empty slot or
-    padding), `index[B]`: each row's next slot to write (int32), so rows fill to different lengths."""
+    """Keys/values of every layer for generation: `k, v[L, B, K, S, hd]` (a head's slots contiguous, so a decode
+    step's scores and weighted sum read them as stored), `segment_ids[B, S]` (0 = empty slot or padding), `index[B]`:
+    each row's next slot to write (int32), so rows fill to different lengths."""
 
     k: jax.Array
     v: jax.Array
@@ -71,7 +72,7 @@ class KVCache:
 
 def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
     """An empty cache of `max_len` slots per row."""
-    shape = (config.num_hidden_layers, batch, max_len, config.num_key_value_heads, config.head_dim)
+    shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
     return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32),
                    jnp.zeros((batch,), jnp.int32))
 
@@ -297,8 +298,9 @@ def _write_cache(cache: KVCache, new_kv: tuple, segment_ids: jax.Array, advance:
     s = cache.segment_ids.shape[1]
     slots = jnp.where(advance[:, None] > 0, cache.index[:, None] + jnp.arange(t), s)
     rows = jnp.arange(b)[:, None]
-    k = cache.k.at[:, rows, slots].set(new_kv[0].astype(cache.k.dtype), mode="drop")
-    v = cache.v.at[:, rows, slots].set(new_kv[1].astype(cache.v.dtype), mode="drop")
+    # `[:, rows, :, slots]` puts the indexed axes first: the update is [B, T, L, K, hd]
+    k = cache.k.at[:, rows, :, slots].set(new_kv[0].transpose(1, 2, 0, 3, 4).astype(cache.k.dtype), mode="drop")
+    v = cache.v.at[:, rows, :, slots].set(new_kv[1].transpose(1, 2, 0, 3, 4).astype(cache.v.dtype), mode="drop")
     seg = cache.segment_ids.at[rows, slots].set(segment_ids, mode="drop")
     return KVCache(k, v, seg, cache.index + advance)
 

@@ -34,7 +34,7 @@ def cache_attention(q_bthd: jax.Array, k_btkd: jax.Array, v_btkd: jax.Array, mas
     """Attention of `q[B, T, H, hd]` over (prefix keys) + (cached keys) + (this call's keys) -> `[B, T, H * hd]`.
 
     k, v[B, T, K, hd]: this call's keys/values; `mask_btt[B, T, T]` says which of them each query sees (causal, same
-    segment, not padding, window applied). cache_k, cache_v[L, B, S, K, hd]: every layer's cache, `layer` (int32
+    segment, not padding, window applied). cache_k, cache_v[L, B, K, S, hd]: every layer's cache, `layer` (int32
     scalar) the one to read; `cache_segment_ids[B, S]`. Row b's query t sits at slot `cache_len[b] + t` and sees
     cached slot j when j < cache_len[b], the slot's segment id equals the query's and is not 0, and (with `window`)
     `cache_len[b] + t - j < window`. Only slots `[0, bound)` are read (rounded up to whole blocks): `bound` must
@@ -45,13 +45,17 @@ def cache_attention(q_bthd: jax.Array, k_btkd: jax.Array, v_btkd: jax.Array, mas
     b, t, h, hd = q_bthd.shape
     kh = k_btkd.shape[2]
     g = h // kh
-    s = cache_k.shape[2]
+    s = cache_k.shape[3]
     block = cache_block(s, block)
     scale = jnp.float32(hd ** -0.5)
     q = q_bthd.reshape(b, t, kh, g, hd)
 
     def scores(k_bskd, mask_bts):
         sc = jnp.einsum("btkgd,bskd->bkgts", q, k_bskd, preferred_element_type=jnp.float32) * scale
+        return jnp.where(mask_bts[:, None, None], sc, _NEG)
+
+    def cached_scores(k_bksd, mask_bts):  # the cache's layout: each head's slots contiguous, no transpose
+        sc = jnp.einsum("btkgd,bksd->bkgts", q, k_bksd, preferred_element_type=jnp.float32) * scale
         return jnp.where(mask_bts[:, None, None], sc, _NEG)
 
     keys, values, mask = k_btkd, v_btkd, mask_btt
@@ -71,20 +75,20 @@ def cache_attention(q_bthd: jax.Array, k_btkd: jax.Array, v_btkd: jax.Array, mas
     def body(i, carry):
         m, l, acc = carry
         start = i * block
-        kb = jax.lax.dynamic_slice(cache_k, (layer, 0, start, 0, 0), (1, b, block, kh, hd))[0]
-        vb = jax.lax.dynamic_slice(cache_v, (layer, 0, start, 0, 0), (1, b, block, kh, hd))[0]
+        kb = jax.lax.dynamic_slice(cache_k, (layer, 0, 0, start, 0), (1, b, kh, block, hd))[0]
+        vb = jax.lax.dynamic_slice(cache_v, (layer, 0, 0, start, 0), (1, b, kh, block, hd))[0]
         seg = jax.lax.dynamic_slice(cache_segment_ids, (0, start), (b, block))
         j = start + jnp.arange(block)
         vis = ((j[None, None, :] < cache_len[:, None, None]) & (seg[:, None, :] == q_segment_ids[:, :, None])
                & (seg[:, None, :] != 0))
         if window is not None:
             vis = vis & (q_slot[:, :, None] - j[None, None, :] < window)
-        sb = scores(kb.astype(q.dtype), vis)
+        sb = cached_scores(kb.astype(q.dtype), vis)
         m_new = jnp.maximum(m, jnp.max(sb, axis=-1))
         corr = jnp.exp(m - m_new)
         pb = jnp.exp(sb - m_new[..., None])
         l = l * corr + jnp.sum(pb, axis=-1)
-        acc = acc * corr[..., None] + jnp.einsum("bkgts,bskd->bkgtd", pb, vb.astype(v_btkd.dtype),
+        acc = acc * corr[..., None] + jnp.einsum("bkgts,bksd->bkgtd", pb, vb.astype(v_btkd.dtype),
                                                   preferred_element_type=jnp.float32)
         return m_new, l, acc
 

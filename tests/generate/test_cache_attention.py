@@ -20,7 +20,7 @@ def _case(seed, prefix=False):
     r = np.random.RandomState(seed)
     f = lambda *s: jnp.asarray(r.randn(*s), jnp.float32)  # noqa: E731
     q, k, v = f(B, T, H, HD), f(B, T, K, HD), f(B, T, K, HD)
-    cache_k, cache_v = f(L, B, S, K, HD), f(L, B, S, K, HD)
+    cache_k, cache_v = f(L, B, K, S, HD), f(L, B, K, S, HD)  # the cache's layout [L, B, K, S, hd]
     cache_len = jnp.asarray([5, 17, 0], jnp.int32)
     cache_seg = (jnp.arange(S)[None] < cache_len[:, None]).astype(jnp.int32)
     cache_seg = cache_seg.at[1, :2].set(0)  # row 1: two slots of left padding
@@ -33,8 +33,8 @@ def _case(seed, prefix=False):
 
 def _reference(q, k, v, cache_k, cache_v, cache_len, cache_seg, q_seg, pk, pv, layer, window):
     """The cache's layer and the new keys as one row of S + T slots; slot order = position order."""
-    keys = jnp.concatenate([cache_k[layer], k], axis=1)
-    vals = jnp.concatenate([cache_v[layer], v], axis=1)
+    keys = jnp.concatenate([cache_k[layer].transpose(0, 2, 1, 3), k], axis=1)
+    vals = jnp.concatenate([cache_v[layer].transpose(0, 2, 1, 3), v], axis=1)
     q_slot = cache_len[:, None] + jnp.arange(T)                                   # [B, T]
     j = jnp.arange(S)
     cache_vis = (j[None, None] < cache_len[:, None, None]) & (cache_seg[:, None] == q_seg[:, :, None]) & (
@@ -66,8 +66,8 @@ def test_blocks_past_the_bound_are_not_read():
     want, new_vis = _reference(q, k, v, ck, cv, cl, cs, qs, pk, pv, 0, None)
     bound = int(jnp.max(cl))
     first_unread = -(-bound // BLOCK) * BLOCK
-    cv = cv.at[:, :, first_unread:].set(jnp.nan)
-    ck = ck.at[:, :, first_unread:].set(jnp.nan)
+    cv = cv.at[:, :, :, first_unread:].set(jnp.nan)
+    ck = ck.at[:, :, :, first_unread:].set(jnp.nan)
     got = jax.jit(cache_attention, static_argnames=("block",))(
         q, k, v, new_vis, qs, ck, cv, jnp.int32(0), cs, cl, jnp.int32(bound), None, None, None, block=BLOCK)
     real = np.asarray(qs != 0)
@@ -83,8 +83,8 @@ def test_blocks_before_every_rows_window_are_not_read():
     cl = jnp.asarray([20, 26, 18], jnp.int32)
     cs = (jnp.arange(S)[None] < cl[:, None]).astype(jnp.int32)
     want, new_vis = _reference(q, k, v, ck, cv, cl, cs, qs, pk, pv, 1, 6)
-    cv = cv.at[:, :, :BLOCK].set(jnp.nan)
-    ck = ck.at[:, :, :BLOCK].set(jnp.nan)
+    cv = cv.at[:, :, :, :BLOCK].set(jnp.nan)
+    ck = ck.at[:, :, :, :BLOCK].set(jnp.nan)
     got = jax.jit(cache_attention, static_argnames=("block",))(
         q, k, v, new_vis, qs, ck, cv, jnp.int32(1), cs, cl, jnp.max(cl), 6, None, None, block=BLOCK)
     real = np.asarray(qs != 0)
