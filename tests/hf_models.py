@@ -84,3 +84,52 @@ def train_losses(run_dir: str) -> dict[int, float]:
             if r.get("kind") == "train":
                 out[r["step"]] = r["loss"]
     return out
+
+
+
+def bnb_dequantize(weight):
+    """bitsandbytes' dense value of a 4-bit `Params4bit` by its device-independent formula (its `default` backend:
+    `code[nibble] * absmax` over the flattened tensor, what its CUDA kernel computes). Its native CPU kernel in
+    0.50.2 on AVX-512 disagrees with its own quantiser where a block of 64 crosses a row for some shapes: a
+    [128, 160] weight round-trips with error 2.2 against 0.50 by this formula."""
+    import torch
+    from bitsandbytes.backends.default.ops import _dequantize_4bit_compute
+
+    qs = weight.quant_state
+    assert not getattr(qs, "packing_format_for_cpu", False), "repacked for the CPU: call bnb_fp32 first"
+    absmax = qs.absmax
+    if qs.nested:
+        import bitsandbytes.functional as bnbf
+
+        absmax = bnbf.dequantize_blockwise(qs.absmax, qs.state2) + qs.offset
+    return _dequantize_4bit_compute(weight.data.view(-1).view(torch.uint8), absmax.float(), qs.code,
+                                    qs.blocksize, qs.shape, qs.dtype)
+
+
+def bnb_fp32(model):
+    """`model` (transformers with bitsandbytes 4-bit linears) multiplying by bitsandbytes' dense weights in its
+    compute dtype on every CPU, as it does on machines without AVX-512: bitsandbytes 0.50 on a CPU with AVX512-BF16
+    (Sapphire Rapids and newer Xeons) repacks each `Linear4bit`'s weight at its first no-grad eval forward into a
+    CPU-only layout (absmax cast to bf16) and multiplies in bf16 (logits 1.6e-2 off fp32 on a tiny Llama); that is
+    switched off here. A linear whose native CPU dequantisation disagrees with `bnb_dequantize` (see there) multiplies
+    by the latter. Fails loudly if bitsandbytes renames its switch, so a reference never silently changes."""
+    import types
+
+    import bitsandbytes as bnb
+    import bitsandbytes.functional as bnbf
+    import torch
+
+    def generic_forward(self, x):
+        w = bnb_dequantize(self.weight).to(self.compute_dtype or x.dtype)
+        bias = None if self.bias is None else self.bias.to(w.dtype)
+        return torch.nn.functional.linear(x.to(w.dtype), w, bias).to(x.dtype)
+
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert layers, "no bitsandbytes Linear4bit in the model"
+    for m in layers:
+        assert hasattr(m, "support_avx512bf16_for_cpu"), "bitsandbytes moved its AVX512-BF16 CPU switch"
+        m.support_avx512bf16_for_cpu = False
+        native = bnbf.dequantize_4bit(m.weight.data, m.weight.quant_state)
+        if not torch.equal(native.view(torch.int32), bnb_dequantize(m.weight).view(torch.int32)):
+            m.forward = types.MethodType(generic_forward, m)
+    return model

@@ -1,7 +1,8 @@
 """Import of transformers' bitsandbytes 4-bit NF4 checkpoints (transformers 5 + bitsandbytes 0.50.2, on CPU):
 a tiny random Llama quantised by transformers (`BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4")`)
 and saved; `jaxft.load_pretrained` of that directory gives NF4Tensor leaves that dequantise to bitsandbytes' own
-`dequantize_4bit` bit for bit and logits equal to transformers' bnb model's. Bad input (fp4, other block sizes,
+values bit for bit (its device-independent `dequantize_4bit`, `hf_models.bnb_dequantize`) and logits equal to
+transformers' bnb model's in fp32 (`hf_models.bnb_fp32`: no AVX512-BF16 repacking). Bad input (fp4, other block sizes,
 dtypes, maps, other quantisation methods) is refused by name before any weight is converted."""
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import pytest
 import jaxft
 from jaxft.errors import FileFormatError, UnsupportedConfigError
 from jaxft.quant import NF4Tensor, dequantize
+from hf_models import bnb_dequantize, bnb_fp32
 from optional_import import optional
 
 torch = optional("torch")
 transformers = optional("transformers")
-bnbf = optional("bitsandbytes.functional")
 safetensors_torch = optional("safetensors.torch")
 
 # name -> (intermediate size, double quant, quant storage): 192 is three NF4 blocks of 64 along down_proj's input
@@ -49,6 +50,7 @@ def _quantised(d, seed: int, intermediate: int, double_quant: bool, storage: str
     model = transformers.AutoModelForCausalLM.from_pretrained(d / "dense", quantization_config=qc,
                                                               dtype=torch.float32, device_map="cpu",
                                                               attn_implementation="eager").eval()
+    bnb_fp32(model)
     model.save_pretrained(d / "bnb")
     return d / "bnb", model
 
@@ -80,7 +82,7 @@ def test_import_is_exact_and_logits_match_transformers(checkpoints, case):
             dense = np.asarray(dequantize(leaf) if isinstance(leaf, NF4Tensor) else leaf)
             for i in range(config.num_hidden_layers):
                 mod = getattr(getattr(model.model.layers[i], group), name)
-                ref = bnbf.dequantize_4bit(mod.weight.data, mod.weight.quant_state).numpy().T
+                ref = bnb_dequantize(mod.weight).numpy().T
                 if name == "down_proj" and intermediate % 64:  # not NF4Tensor-shaped: exact dense dequantisation
                     assert not isinstance(leaf, NF4Tensor)
                 else:
