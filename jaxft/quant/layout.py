@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 CHUNK = 256  # rows of `in` packed together (two halves of 128: lane-aligned slices of x on TPU)
 
@@ -23,10 +24,17 @@ def pack(q: jax.Array) -> jax.Array:
     return jnp.concatenate(parts, axis=-2)
 
 
-def unpack(codes: jax.Array) -> jax.Array:
-    """Packed uint8 `[..., in/2, out]` -> codes int32 `[..., in, out]` (inverse of `pack`)."""
-    parts = []
+def unpack(codes: jax.Array, dtype=jnp.int32) -> jax.Array:
+    """Packed uint8 `[..., in/2, out]` -> codes `[..., in, out]` in `dtype` (inverse of `pack`).
+
+    Row r of the result reads byte row `rows[r]` shifted by `shifts[r]` (4: high nibble, 0: low), both constants of
+    the packing order, so XLA fuses the unpacking into whatever reads the codes instead of writing them out (a
+    concatenation of per-chunk slices did not fuse)."""
+    rows, shifts = [], []
     for s, c in _chunks(2 * codes.shape[-2]):
-        b = codes[..., s // 2: (s + c) // 2, :].astype(jnp.int32)
-        parts += [b >> 4, b & 15]
-    return jnp.concatenate(parts, axis=-2)
+        j = np.arange(c)
+        rows.append(s // 2 + j % (c // 2))
+        shifts.append(np.where(j < c // 2, 4, 0))
+    rows, shifts = np.concatenate(rows), np.concatenate(shifts).astype(np.uint8)
+    b = jnp.take(codes, jnp.asarray(rows, jnp.int32), axis=-2)
+    return ((b >> shifts[:, None]) & 15).astype(dtype)

@@ -27,7 +27,7 @@ TPU_K = 512  # rows of K per TPU grid step (two chunks)
 
 
 def decode(q: jax.Array) -> jax.Array:
-    """NF4 code (int32 0..15) -> fp32 value, as a select tree on the code's bits."""
+    """NF4 code (an integer array, 0..15) -> fp32 value, as a select tree on the code's bits."""
     level = [jnp.float32(float(c)) for c in NF4_CODES]
     for bit in range(4):
         on = (q & (1 << bit)) != 0
