@@ -34,7 +34,21 @@ def torch_smollm(attn: str = "sdpa"):
 
 
 def machine() -> str:
-    return f"{platform.machine()} CPU x{os.cpu_count()}"
+    """The CPU by name, its widest vector extensions and core count: timings (and torch's oneDNN paths) differ
+    between an AVX2 AMD EPYC and an AVX-512/AMX Xeon, both of which run these benchmarks."""
+    name, flags = platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and name == platform.machine():
+                    name = value.strip()
+                elif key.strip() == "flags" and not flags:
+                    flags = set(value.split())
+    except OSError:
+        pass
+    isa = [x for x in ("avx2", "avx512f", "amx_tile") if x in flags]
+    return f"{name} ({', '.join(isa) or platform.machine()}) x{os.cpu_count()}"
 
 
 def _markers(name: str) -> tuple[str, str]:
