@@ -1,7 +1,9 @@
 """Causal attention forward + backward: jaxft's blocked attention vs torch's scaled_dot_product_attention, CPU fp32.
 
 One layer of SmolLM2-135M (9 query heads, 3 kv heads, head dim 64), batch 4 x 512 by default. Also times the same
-blocked forward differentiated by plain autodiff, to show what the hand-written backward buys. One process with
+blocked forward differentiated by plain autodiff, to show what the hand-written backward buys, and at 2048+ tokens,
+where the model takes the tiled path (`jaxft.ops.tiled_attention`), the unrolled blocks it replaces. A run at
+another shape is recorded under its own heading (`attention 1x2048`). One process with
 freed host memory kept mapped for both sides (`jaxft.runtime.keep_freed_host_memory`, as `python -m jaxft.train`
 runs); jaxft's forward and backward are separate jits, as under the model's scan over layers, where the backward
 cannot reuse the forward's work. Prints the ratio last (> 1 means jaxft is faster).
@@ -60,10 +62,13 @@ def main(argv=None):
             return out, bwd(vjp, g_)
         return f
 
+    tiles = A.tiled_blocks(t)
     custom = fwd_bwd(A.blocked_causal_attention)
     autodiff = fwd_bwd(lambda q_, k_, v_, m, blk: A.blocked_forward(q_, k_, v_, m, None, blk, None).reshape(q_.shape))
+    unrolled = fwd_bwd(lambda q_, k_, v_, m, blk: A._blocked(q_, k_, v_, m, None, blk, None).reshape(q_.shape))
     jax_s = timeit(lambda: jax.block_until_ready(custom(*args_j)), repeat=args.repeat)
     auto_s = timeit(lambda: jax.block_until_ready(autodiff(*args_j)), repeat=args.repeat)
+    unrolled_s = timeit(lambda: jax.block_until_ready(unrolled(*args_j)), repeat=args.repeat) if tiles else None
 
     tq, tk, tv = (torch.tensor(x).transpose(1, 2).contiguous().requires_grad_() for x in (q, k, v))
     tg = torch.tensor(g).transpose(1, 2).contiguous()
@@ -77,12 +82,16 @@ def main(argv=None):
     torch_s = timeit(torch_step, repeat=args.repeat)
     ratio = torch_s / jax_s
     lines = ["| side | ms (fwd + bwd) |", "|---|---|",
-             f"| jaxft blocked, hand-written backward (jit) | {jax_s * 1e3:.1f} |",
-             f"| jaxft blocked, autodiff backward (jit) | {auto_s * 1e3:.1f} |",
+             f"| jaxft {f'tiled {tiles[0]} x {tiles[1]}' if tiles else 'blocked'}, hand-written backward (jit) | "
+             f"{jax_s * 1e3:.1f} |",
+             *([f"| jaxft unrolled blocks, hand-written backward (jit) | {unrolled_s * 1e3:.1f} |"] if tiles else []),
+             f"| jaxft unrolled blocks, autodiff backward (jit) | {auto_s * 1e3:.1f} |",
              f"| torch scaled_dot_product_attention (is_causal) | {torch_s * 1e3:.1f} |", "",
              f"batch {b} x {t}, {h} heads / {kh} kv heads, head dim {d}, fp32, block {block}; torch threads "
              f"{torch.get_num_threads()}.", "", f"**ratio jaxft / torch: {ratio:.2f}x**"]
-    report("attention", lines, ratio, record_it=not args.no_record)
+    default = (b, t, h, kh, d) == (4, 512, 9, 3, 64)
+    report("attention" if default else f"attention {b}x{t}", lines, ratio, record_it=not args.no_record,
+           command=None if default else f"python benchmarks/attention.py {' '.join(argv or sys.argv[1:])}")
 
 
 if __name__ == "__main__":

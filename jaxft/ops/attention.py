@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from jaxft.errors import ConfigError
 from jaxft.kernels import flash_gpu, splash_tpu
+from jaxft.ops.tiled_attention import tiled_attention
 
 # `implementation` values of `blocked_causal_attention`: "auto" picks the platform's fused kernel where it fits.
 IMPLEMENTATIONS = ("auto", "xla", "splash", "flash")
@@ -69,6 +70,20 @@ def causal_block_size(t: int) -> int | None:
     return None
 
 
+def tiled_blocks(t: int) -> tuple[int, int] | None:
+    """(query block, key block) of the tiled XLA path (`jaxft.ops.tiled_attention`) for a length-`t` row, or None
+    for the unrolled blocks. Rows of 2048+ tokens take tiles: there the unrolled blocks' scores, all live at once
+    under XLA:CPU, cost O(T^2) memory, and the tiles are also faster (SmolLM2 heads, fp32, forward + backward on 2
+    cores, unrolled vs 256 x 512 tiles: 2048 tokens x 4 rows 703 vs 625 ms, 4096 x 4 2773 vs 2339 ms, 2048 x 1 187
+    vs 187 ms; at 1024 x 4 tiles are 3-40% slower, at 512 x 4 20-70%: benchmarks/attention.py --seq)."""
+    if t < 2048:
+        return None
+    for key_block in (512, 256):
+        if t % key_block == 0:
+            return 256, key_block
+    return None
+
+
 def attention_platform() -> str:
     """The platform attention is lowered for: the abstract device of the current abstract mesh when one is set
     (`jax.sharding.use_abstract_mesh(AbstractMesh(..., abstract_device=AbstractDevice(platform="tpu")))` exports a
@@ -115,8 +130,10 @@ def blocked_causal_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.A
     `segments_from_mask` when not given) with the causal mask and `window` built in; `mask_bts` is then not read.
     Outputs of padding rows (segment 0) differ between the paths (they mean nothing); real rows agree.
 
-    Query block i reads only keys `[0, (i + 1) * block)`: the blocks above the diagonal are all masked, so skipping
-    them changes nothing but the work (about half of it at long lengths). Each block is one batched GEMM per
+    Rows of 2048+ tokens (`tiled_blocks`) run as a loop over tiles with an online softmax
+    (`jaxft.ops.tiled_attention`, O(T) memory); shorter ones as unrolled query blocks: block i reads only keys
+    `[0, (i + 1) * block)`: the blocks above the diagonal are all masked, so skipping them changes nothing but the
+    work (about half of it at long lengths). Each block is one batched GEMM per
     (batch, kv head) with the query group folded into the rows, which XLA's CPU backend runs faster than the
     five-index einsum. Same numbers as `attention` up to float32 rounding.
 
@@ -145,7 +162,11 @@ def blocked_causal_attention(q_bthd: jax.Array, k_bskd: jax.Array, v_bskd: jax.A
         return out.reshape(b, t, h * hd) if merge_heads else out
     static = window if isinstance(window, int) else None
     traced = None if window is None or static is not None else jnp.asarray(window, jnp.int32)
-    out = _blocked(q_bthd, k_bskd, v_bskd, mask_bts, traced, block, static)
+    tiles = tiled_blocks(t)
+    if tiles is not None:
+        out = tiled_attention(q_bthd, k_bskd, v_bskd, mask_bts, traced, tiles, static)
+    else:
+        out = _blocked(q_bthd, k_bskd, v_bskd, mask_bts, traced, block, static)
     return out if merge_heads else out.reshape(q_bthd.shape)
 
 
