@@ -18,10 +18,11 @@ import numpy as np
 
 from jaxft.quant.bnb_format import BLOCK, NF4_CODES
 from jaxft.quant.kernels import pallas_nf4 as pk
-from jaxft.quant.layout import unpack
+from jaxft.quant.layout import CHUNK, unpack
 
 log = logging.getLogger(__name__)
 _LOGGED: set = set()
+XLA_TILE = 1 << 22  # dequantised values per step of the XLA path's loop over a large weight (16 MiB in fp32)
 
 
 def platform() -> str:
@@ -40,6 +41,53 @@ def xla_dequantize(codes: jax.Array, absmax: jax.Array, dtype) -> jax.Array:
     k, n = 2 * codes.shape[-2], codes.shape[-1]
     vals = jnp.asarray(NF4_CODES)[unpack(codes)].reshape(k // BLOCK, BLOCK, n)
     return (vals * absmax[:, None, :]).reshape(k, n).astype(dtype)
+
+
+def row_block(k: int, n: int) -> int:
+    """Rows of `W[k, n]` the XLA path dequantises per step: all `k` when W has at most `XLA_TILE` values, else the
+    largest multiple of `CHUNK` (whole packing chunks: a contiguous slice of the codes) dividing `k` whose block has
+    at most `XLA_TILE` values (at least one chunk); all `k` when `k` is not a multiple of `CHUNK`."""
+    if k * n <= XLA_TILE or k % CHUNK:
+        return k
+    fits = [r for r in range(CHUNK, k, CHUNK) if k % r == 0 and r * n <= XLA_TILE]
+    return max(fits, default=CHUNK)
+
+
+def _row_blocks(a, codes, absmax, i, kb):
+    """Rows `[i * kb, (i + 1) * kb)` of W (dequantised in a's dtype)."""
+    c = jax.lax.dynamic_slice_in_dim(codes, i * (kb // 2), kb // 2, 0)
+    s = jax.lax.dynamic_slice_in_dim(absmax, i * (kb // BLOCK), kb // BLOCK, 0)
+    return xla_dequantize(c, s, a.dtype)
+
+
+def _xla_matmul(a: jax.Array, codes: jax.Array, absmax: jax.Array) -> jax.Array:
+    """`a[M, K] @ W` in plain XLA. A large W is dequantised a block of rows at a time inside a loop, its products
+    summed in fp32: the whole dequantised weight never exists (XLA:CPU kept all seven of a Llama-2-7B layer's,
+    in fp32, live at once: 775 MB of the QLoRA step's plan; the Pallas kernels never write it either)."""
+    k, n = 2 * codes.shape[0], codes.shape[1]
+    kb = row_block(k, n)
+    if kb == k:
+        return a @ xla_dequantize(codes, absmax, a.dtype)
+
+    def step(i, acc):
+        a_i = jax.lax.dynamic_slice_in_dim(a, i * kb, kb, 1)
+        return acc + jnp.matmul(a_i, _row_blocks(a, codes, absmax, i, kb), preferred_element_type=jnp.float32)
+
+    return jax.lax.fori_loop(0, k // kb, step, jnp.zeros((a.shape[0], n), jnp.float32)).astype(a.dtype)
+
+
+def _xla_matmul_t(a: jax.Array, codes: jax.Array, absmax: jax.Array) -> jax.Array:
+    """`a[M, N] @ W^T` in plain XLA, a large W a block of rows (columns of the result) at a time."""
+    k, n = 2 * codes.shape[0], codes.shape[1]
+    kb = row_block(k, n)
+    if kb == k:
+        return a @ xla_dequantize(codes, absmax, a.dtype).T
+
+    def step(i, out):
+        part = jnp.matmul(a, _row_blocks(a, codes, absmax, i, kb).T, preferred_element_type=jnp.float32)
+        return jax.lax.dynamic_update_slice_in_dim(out, part.astype(a.dtype), i * kb, 1)
+
+    return jax.lax.fori_loop(0, k // kb, step, jnp.zeros((a.shape[0], k), a.dtype))
 
 
 def tiles(kind: str, plat: str, m: int, k: int, n: int) -> dict | None:
@@ -80,8 +128,7 @@ def run(kind: str, a: jax.Array, codes: jax.Array, absmax: jax.Array, *, plat: s
         _untiled(kind, plat, (m, k, n))
         if kind == "dequantize":
             return xla_dequantize(codes, absmax, dtype)
-        w = xla_dequantize(codes, absmax, a.dtype)
-        return a @ w if kind == "matmul" else a @ w.T
+        return _xla_matmul(a, codes, absmax) if kind == "matmul" else _xla_matmul_t(a, codes, absmax)
     fn = {("tpu", "matmul"): pk.tpu_matmul, ("tpu", "matmul_t"): pk.tpu_matmul_t,
           ("tpu", "dequantize"): pk.tpu_dequantize}.get((plat, kind)) or {
         "matmul": pk.gpu_matmul, "matmul_t": pk.gpu_matmul_t, "dequantize": pk.gpu_dequantize}[kind]
