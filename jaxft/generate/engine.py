@@ -168,8 +168,9 @@ def _prefill(st: _Static, params, extras: dict, slots: Slots, rows, ids, lengths
         fresh = (start == 0)[:, None, None] & (jnp.arange(t) < st.n_virtual)[None, :, None]
         x = jnp.where(fresh, virtual[None], x)
     logits, sub = forward_cached(st.config, params, ids, sub, positions=positions, segment_ids=segment_ids,
-                                 options=st.options, embeds=x, **_model_kwargs(st, extras, k, adapter_ids))
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
+                                 options=st.options, embeds=x, logits_at=lengths - 1,
+                                 **_model_kwargs(st, extras, k, adapter_ids))
+    last = logits[:, 0]
     keys = jax.vmap(jax.random.key)(seeds)
     recent = jnp.full((k, slots.recent.shape[1]), -2, jnp.int32)
     live = jnp.ones((k,), bool)
