@@ -75,7 +75,8 @@ def tiled_blocks(t: int) -> tuple[int, int] | None:
     for the unrolled blocks. Rows of 2048+ tokens take tiles: there the unrolled blocks' scores, all live at once
     under XLA:CPU, cost O(T^2) memory, and the tiles are also faster (SmolLM2 heads, fp32, forward + backward on 2
     cores, unrolled vs 256 x 512 tiles: 2048 tokens x 4 rows 703 vs 625 ms, 4096 x 4 2773 vs 2339 ms, 2048 x 1 187
-    vs 187 ms; at 1024 x 4 tiles are 3-40% slower, at 512 x 4 20-70%: benchmarks/attention.py --seq)."""
+    vs 187 ms; at 1024 tokens about even with 4 rows and 16% slower with 1, at 512 x 4 18-66% slower by tile shape;
+    benchmarks/RESULTS.md, "attention 1x2048")."""
     if t < 2048:
         return None
     for key_block in (512, 256):
