@@ -86,7 +86,6 @@ def train_losses(run_dir: str) -> dict[int, float]:
     return out
 
 
-
 def bnb_dequantize(weight):
     """bitsandbytes' dense value of a 4-bit `Params4bit` by its device-independent formula (its `default` backend:
     `code[nibble] * absmax` over the flattened tensor, what its CUDA kernel computes). Its native CPU kernel in

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from jaxft.errors import ConfigError
 from jaxft.kernels import flash_gpu, splash_tpu
-from jaxft.ops.tiled_attention import tiled_attention
+from jaxft.ops.tiled_attention import scaled, tiled_attention
 
 # `implementation` values of `blocked_causal_attention`: "auto" picks the platform's fused kernel where it fits.
 IMPLEMENTATIONS = ("auto", "xla", "splash", "flash")
@@ -211,11 +211,6 @@ def _layout_barrier(x: jax.Array) -> jax.Array:
     return jax.lax.optimization_barrier(x)
 
 
-def _scaled(x: jax.Array, scale: jax.Array) -> jax.Array:
-    """`x * scale` rounded once to x's dtype (a bf16 copy of the scale itself would bias every score)."""
-    return (x.astype(jnp.float32) * scale).astype(x.dtype)
-
-
 def _block_scores(q_bkrd, k_bkds, keep, lo, hi, klo, g):
     """Masked fp32 scores of query rows `[lo, hi)` against keys `[klo, hi)`: `[B, K, G, hi - lo, hi - klo]`.
 
@@ -239,7 +234,7 @@ def _blocked_fwd_impl(q_bthd, k_bskd, v_bskd, mask_bts, traced_window, block, st
         lo, hi = i * block, (i + 1) * block
         klo = _key_start(lo, block, static_window)
         keep = _block_mask(mask_bts, lo, hi, klo, traced_window, static_window)
-        s = _block_scores(_scaled(_heads_major(q_bthd, kh, lo, hi), scale), k_t, keep, lo, hi, klo, g)
+        s = _block_scores(scaled(_heads_major(q_bthd, kh, lo, hi), scale), k_t, keep, lo, hi, klo, g)
         row_max = jnp.max(s, axis=-1, keepdims=True)
         e = jnp.exp(s - row_max)
         row_sum = jnp.sum(e, axis=-1, keepdims=True)  # [B, K, G, n, 1]
@@ -301,10 +296,10 @@ def _blocked_bwd(block, static_window, res, d_out):
         do = _heads_major(d_out, kh, lo, hi)
         q_t, do_t = _layout_barrier((q.swapaxes(-1, -2), do.swapaxes(-1, -2)))  # [B, K, hd, R]
         block_keep = _block_mask(mask_bts, lo, hi, klo, traced_window, static_window)
-        s = _block_scores(_scaled(q, scale), k_t, block_keep, lo, hi, klo, g).reshape(b, kh, g * block, n_keys)
+        s = _block_scores(scaled(q, scale), k_t, block_keep, lo, hi, klo, g).reshape(b, kh, g * block, n_keys)
         row_max, inv_sum = stats[i]
         p = jnp.exp(s - row_max) * inv_sum  # softmax, [B, K, R, n_keys]
-        dp = jnp.matmul(_scaled(do, scale), v_t[..., klo:hi], preferred_element_type=jnp.float32)
+        dp = jnp.matmul(scaled(do, scale), v_t[..., klo:hi], preferred_element_type=jnp.float32)
         delta = _heads_major(delta_bth[..., None], kh, lo, hi)  # [B, K, R, 1]
         # Masked scores are constants: no gradient (matters only for fully masked rows, where p is uniform). The
         # select is its own pass rather than left to the fused product (faster on CPU).

@@ -75,8 +75,8 @@ def _tile(q_i, k_t, mask_bts, i, j, bq: int, window):
     return jnp.where(keep, s, _MIN), keep
 
 
-def _scaled(x: jax.Array, scale: float) -> jax.Array:
-    """`x * scale` rounded once to x's dtype."""
+def scaled(x: jax.Array, scale: float | jax.Array) -> jax.Array:
+    """`x * scale` rounded once to x's dtype (a bf16 copy of the scale itself would bias every score)."""
     return (x.astype(jnp.float32) * scale).astype(x.dtype)
 
 
@@ -85,7 +85,7 @@ def _forward(q_bthd, k_bskd, v_bskd, mask_bts, window, blocks):
     kh = k_bskd.shape[2]
     bq, bk = blocks
     scale = hd ** -0.5
-    q_rows = _rows(_scaled(q_bthd, scale), kh, bq)
+    q_rows = _rows(scaled(q_bthd, scale), kh, bq)
     k_t, v_blocks = _keys(k_bskd, bk, True), _keys(v_bskd, bk, False)
     r = q_rows.shape[3]
 
@@ -120,8 +120,7 @@ def tiled_forward(q_bthd, k_bskd, v_bskd, mask_bts, traced_window, blocks, stati
 tiled_attention = jax.custom_vjp(tiled_forward, nondiff_argnums=(5, 6))
 tiled_attention.__doc__ = """`attention` for a row attending to itself (S == T, slot-causal `mask_bts[B, T, T]`),
 tile by tile: `q[B, T, H, hd]`, `k, v[B, T, K, hd]` -> `[B, T, H * hd]`. `blocks`: (query block, key block), each
-dividing T; the window is
-`static_window` (an int) or `traced_window` (an int32 scalar), or neither."""
+dividing T; the window is `static_window` (an int) or `traced_window` (an int32 scalar), or neither."""
 
 
 def _tiled_fwd(q_bthd, k_bskd, v_bskd, mask_bts, traced_window, blocks, static_window):
@@ -140,7 +139,7 @@ def _tiled_bwd(blocks, static_window, res, d_out):
     scale = hd ** -0.5
     d_out = d_out.reshape(q_bthd.shape)
     delta = jnp.sum(d_out.astype(jnp.float32) * out.reshape(q_bthd.shape).astype(jnp.float32), axis=-1) * scale
-    q_rows, do_rows = _rows(_scaled(q_bthd, scale), kh, bq), _rows(_scaled(d_out, scale), kh, bq)
+    q_rows, do_rows = _rows(scaled(q_bthd, scale), kh, bq), _rows(scaled(d_out, scale), kh, bq)
     q_cols = _rows(q_bthd, kh, bq).swapaxes(-1, -2)  # [N, B, K, hd, R]
     do_cols = _rows(d_out, kh, bq).swapaxes(-1, -2)
     delta_rows = _rows(delta[..., None], kh, bq)  # [N, B, K, R, 1]

@@ -33,8 +33,8 @@ def platform() -> str:
 def xla_dequantize(codes: jax.Array, absmax: jax.Array, dtype) -> jax.Array:
     """Dense `W[K, N]` from packed codes `[K/2, N]` and fp32 absmax `[K/64, N]`: `fp32(code * absmax)` in `dtype`.
 
-    The codes are unpacked by a reshape (not a concatenation of slices) and each block of 64 rows is scaled by a
-    broadcast absmax, so XLA computes it as one loop fusion (the table lookup included) writing only `W`. Unpacked
+    The codes are unpacked by a constant row take and per-row shift (`layout.unpack`, not a concatenation of
+    slices) and each block of 64 rows is scaled by a broadcast absmax, so XLA computes it as one loop fusion (the table lookup included) writing only `W`. Unpacked
     by slices, the int32 codes were a buffer of their own: 4 bytes per weight, 172 MiB for one Llama-2-7B MLP
     matrix. (A select tree on the code bits instead of the lookup made XLA:CPU keep 16 full-size broadcast
     constants per weight inside the layer loop.)"""
@@ -53,11 +53,11 @@ def row_block(k: int, n: int) -> int:
     return max(fits, default=CHUNK)
 
 
-def _row_blocks(a, codes, absmax, i, kb):
-    """Rows `[i * kb, (i + 1) * kb)` of W (dequantised in a's dtype)."""
+def _row_block_of(codes, absmax, i, kb, dtype):
+    """Rows `[i * kb, (i + 1) * kb)` of W, dequantised in `dtype`."""
     c = jax.lax.dynamic_slice_in_dim(codes, i * (kb // 2), kb // 2, 0)
     s = jax.lax.dynamic_slice_in_dim(absmax, i * (kb // BLOCK), kb // BLOCK, 0)
-    return xla_dequantize(c, s, a.dtype)
+    return xla_dequantize(c, s, dtype)
 
 
 def _xla_matmul(a: jax.Array, codes: jax.Array, absmax: jax.Array) -> jax.Array:
@@ -71,7 +71,7 @@ def _xla_matmul(a: jax.Array, codes: jax.Array, absmax: jax.Array) -> jax.Array:
 
     def step(i, acc):
         a_i = jax.lax.dynamic_slice_in_dim(a, i * kb, kb, 1)
-        return acc + jnp.matmul(a_i, _row_blocks(a, codes, absmax, i, kb), preferred_element_type=jnp.float32)
+        return acc + jnp.matmul(a_i, _row_block_of(codes, absmax, i, kb, a.dtype), preferred_element_type=jnp.float32)
 
     return jax.lax.fori_loop(0, k // kb, step, jnp.zeros((a.shape[0], n), jnp.float32)).astype(a.dtype)
 
@@ -84,7 +84,7 @@ def _xla_matmul_t(a: jax.Array, codes: jax.Array, absmax: jax.Array) -> jax.Arra
         return a @ xla_dequantize(codes, absmax, a.dtype).T
 
     def step(i, out):
-        part = jnp.matmul(a, _row_blocks(a, codes, absmax, i, kb).T, preferred_element_type=jnp.float32)
+        part = jnp.matmul(a, _row_block_of(codes, absmax, i, kb, a.dtype).T, preferred_element_type=jnp.float32)
         return jax.lax.dynamic_update_slice_in_dim(out, part.astype(a.dtype), i * kb, 1)
 
     return jax.lax.fori_loop(0, k // kb, step, jnp.zeros((a.shape[0], k), a.dtype))
