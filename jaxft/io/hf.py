@@ -159,11 +159,13 @@ def _fill(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dtype, wher
 
 
 def _fill_sharded(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dtype, where: str,
-                  shardings: Any) -> dict:
+                  shardings: Any, quantize: Any = None) -> dict:
     """Like `_fill`, but each leaf becomes an array of its sharding in `shardings` (a tree like the params) built
     by `jax.make_array_from_callback`: each process reads, for each of its devices, only that device's block of
     each tensor (the rows it needs, a slab at a time), so no process holds more than its shards plus one slab.
-    A shard repeated on consecutive local devices (a replicated axis) is read once."""
+    A shard repeated on consecutive local devices (a replicated axis) is read once. A leaf `quantize` targets has
+    an `NF4Tensor` of shardings in `shardings`: it is quantised a matrix at a time and only this process's part of
+    its fields is kept (`jaxft.quant.params.NF4Stack`)."""
     table, found = _match(config, stored, where)
     by_path: dict[tuple[str, ...], dict[int | None, StoredTensor]] = {}
     for name, t in found.items():
@@ -184,6 +186,13 @@ def _fill_sharded(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dty
             if transpose:  # jaxft [in, out] is HF [out, in] transposed
                 return t.block(tuple(reversed(index)), dtype).T
             return t.block(index, dtype)
+
+        if quantize is not None and quantize.targets(path):
+            stack = quantize.stack(shape, dtype, shardings=node)
+            for layer in stack.layers():  # one dense matrix (or this process's block of it) at a time
+                stack.set(layer, block(tensors[layer], stack.read_index(), e.transpose))
+            leaves[path] = stack.finish()
+            continue
 
         def read(index: tuple[slice, ...], tensors=tensors, shape=shape, transpose=e.transpose,
                  stacked=e.layer is not None, cache=cache) -> np.ndarray:
@@ -207,6 +216,14 @@ def _fill_sharded(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dty
     return _tree(leaves)
 
 
+def _place_host(params: dict, shardings: Any) -> dict:
+    """`params` (whole on every process) as arrays of `shardings`, each process placing only its own shards."""
+    def one(x, sharding):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return jax.tree.map(one, params, shardings)
+
+
 def load_config(path: str) -> LlamaConfig:
     """The `LlamaConfig` of an HF directory, a `.gguf` file or the embedded model, without reading weights."""
     path = resolve_model_path(path)
@@ -215,6 +232,14 @@ def load_config(path: str) -> LlamaConfig:
     if path.endswith(".gguf") and os.path.isfile(path):
         return config_from_gguf(open_gguf(path), path)
     raise _bad_path(path)
+
+
+def is_bnb_checkpoint(path: str) -> bool:
+    """Whether `path` is an HF directory of a transformers bitsandbytes 4-bit checkpoint (read from config.json)."""
+    path = resolve_model_path(path)
+    config_file = os.path.join(path, "config.json")
+    return os.path.isfile(config_file) and bnb_4bit_config(read_json(config_file, "an HF model config.json"),
+                                                           config_file) is not None
 
 
 def _bad_path(path: str) -> JaxftError:
@@ -232,7 +257,8 @@ def load_pretrained(path: str, dtype="float32", shardings: Any = None, quantize:
     `shardings`: a tree like the params of `jax.sharding.Sharding`s (e.g. over a multi-host mesh): each leaf is
     then built from the blocks this process's devices hold, read straight from the file (see `_fill_sharded`).
     `quantize`: a `jaxft.quant.QuantPlan`; the kernels it targets are quantised to NF4 tensor by tensor as they are
-    read (the host peaks near the quantised model plus one dense matrix).
+    read (the host peaks near the quantised model plus one dense matrix). With `shardings` too (their NF4 leaves
+    from `jaxft.quant.tree_axes`), each process keeps only its part of the NF4 fields.
     A transformers bitsandbytes 4-bit NF4 checkpoint (`quantization_config` in config.json) loads its quantised
     linear weights as `NF4Tensor` leaves, exactly, without re-quantising (`jaxft.io.bnb_checkpoint`).
     """
@@ -243,23 +269,19 @@ def load_pretrained(path: str, dtype="float32", shardings: Any = None, quantize:
         config = config_from_hf_file(config_file)
         stored = [t for f in safetensors_files(path) for t in safetensors_tensors(f)]
         if bnb_4bit_config(read_json(config_file, "an HF model config.json"), config_file) is not None:
-            if shardings is not None:
-                raise UnsupportedConfigError(f"{path}: a bitsandbytes checkpoint loads onto one device; load it "
-                                             "without shardings and place the NF4 leaves afterwards")
             stored, groups = split_bnb_tensors(stored, path)
             table = {e.hf_name: e for e in tensor_table(config)}
             done = nf4_leaves(table, groups, config.num_hidden_layers, np_dtype, path)
-            return config, _fill(config, stored, np_dtype, path, quantize, done=done)
+            params = _fill(config, stored, np_dtype, path, quantize, done=done)
+            # already quantised (a quarter of the dense bytes): read whole, then each process keeps its shards
+            return config, params if shardings is None else _place_host(params, shardings)
         refuse_unconfigured(stored, path)
     elif path.endswith(".gguf") and os.path.isfile(path):
         config, stored = gguf_model(path)
     else:
         raise _bad_path(path)
     if shardings is not None:
-        if quantize is not None:
-            raise UnsupportedConfigError(f"{path}: quantising while loading onto shardings is not implemented; load "
-                                         "quantised on one host, then place the tree")
-        return config, _fill_sharded(config, stored, np_dtype, path, shardings)
+        return config, _fill_sharded(config, stored, np_dtype, path, shardings, quantize)
     return config, _fill(config, stored, np_dtype, path, quantize)
 
 

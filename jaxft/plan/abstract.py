@@ -61,19 +61,6 @@ def _replicated(tree: Any, mesh: Mesh) -> Any:
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=parallel.replicated(mesh)), tree)
 
 
-def nf4_base(base: Any, plan: quant.QuantPlan) -> Any:
-    """The abstract base with each kernel `plan` targets as the `NF4Tensor` `quant.quantize` makes of it (packed
-    codes, absmax, double-quantisation tables in their storage dtypes): shapes only, nothing computed."""
-    def walk(node: Any, path: tuple[str, ...]) -> Any:
-        if isinstance(node, dict):
-            return {k: walk(v, (*path, k)) for k, v in node.items()}
-        if not plan.targets(path):
-            return node
-        return jax.eval_shape(lambda w: quant.quantize(w, double_quant=plan.double_quant,
-                                                       storage_dtype=plan.storage_dtype), node)
-    return walk(base, ())
-
-
 def _flat(section: parallel.ParallelSection, n_devices: int) -> parallel.ParallelSection:
     """`section` with its multi-slice (`dcn`) factors folded into one flat mesh of the same axis sizes: the fake
     devices of a plan live in one process, and memory per device depends on the axis sizes only."""
@@ -102,7 +89,7 @@ def abstract_run(cfg: TrainConfig, config: LlamaConfig, devices: Sequence[jax.De
     else:
         if cfg.quantization() is not None:  # QLoRA: the frozen base in NF4, its fields' axes from the kernels'
             check_quantize(cfg.quantization(), config)
-            base = nf4_base(base, quant.QuantPlan.from_section(cfg.quantize))
+            base = quant.abstract_quantized(base, quant.QuantPlan.from_section(cfg.quantize))
             base_axes = quant.tree_axes(base_axes, base, shard_counts(rules, mesh))
         trainable = jax.eval_shape(lambda p, k: peft.init(spec, config, p, k), base, jax.random.key(0))
         trainable_axes = peft.logical_axes(spec, config, trainable)

@@ -4,9 +4,9 @@ quantize=plan)`; the fields' logical axes; the guard against training a quantise
 
 from jaxft.quant.bnb_format import BnbNF4, dequantize_bnb, quantize_bnb
 from jaxft.quant.nf4 import NF4Tensor, dequantize, from_bnb, quantize, to_bnb, view_codes, with_storage
-from jaxft.quant.params import (QuantPlan, compute_view, dequantizing_to, nf4_axes, nf4_leaves, quantize_params,
+from jaxft.quant.params import (QuantPlan, abstract_quantized, compute_view, dequantizing_to, nf4_axes, nf4_leaves, quantize_params,
                                 refuse_trainable, tree_axes)
 
-__all__ = ["BnbNF4", "NF4Tensor", "QuantPlan", "compute_view", "dequantize", "dequantize_bnb", "dequantizing_to",
+__all__ = ["BnbNF4", "NF4Tensor", "QuantPlan", "abstract_quantized", "compute_view", "dequantize", "dequantize_bnb", "dequantizing_to",
            "from_bnb", "nf4_axes", "nf4_leaves", "quantize", "quantize_bnb", "quantize_params", "refuse_trainable",
            "to_bnb", "tree_axes", "view_codes", "with_storage"]

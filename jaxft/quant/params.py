@@ -47,9 +47,10 @@ class QuantPlan:
             return self.lm_head
         return len(path) >= 2 and path[-1] == "kernel" and path[-2] in self.projections
 
-    def stack(self, shape: tuple[int, ...], dtype: Any) -> "NF4Stack":
-        """An empty NF4 leaf of dense shape `shape` (`[L, in, out]` or `[in, out]`), filled one matrix at a time."""
-        return NF4Stack(shape, np.dtype(dtype), self)
+    def stack(self, shape: tuple[int, ...], dtype: Any, shardings: "NF4Tensor | None" = None) -> "NF4Stack":
+        """An empty NF4 leaf of dense shape `shape` (`[L, in, out]` or `[in, out]`), filled one matrix at a time;
+        with `shardings` (an `NF4Tensor` of its fields' shardings) it keeps only this process's part."""
+        return NF4Stack(shape, np.dtype(dtype), self, shardings)
 
 
 @jax.jit
@@ -58,6 +59,13 @@ def _quantize_rows(w: jax.Array) -> tuple[jax.Array, jax.Array]:
     a chunk quantises on its own exactly as inside the whole matrix)."""
     t = quantize(w, double_quant=False)
     return t.codes, t.absmax
+
+
+@jax.jit
+def _absmax_rows(w: jax.Array) -> jax.Array:
+    """The fp32 absmax `[rows/64, out]` of rows `w[rows, out]` (what `_quantize_rows` computes, without codes)."""
+    k, n = w.shape
+    return jnp.max(jnp.abs(w.astype(jnp.float32).reshape(k // BLOCK, BLOCK, n)), axis=-2)
 
 
 @jax.jit
@@ -77,37 +85,92 @@ def _aligned(shape: tuple[int, ...], dtype, align: int = 64) -> np.ndarray:
     return raw[start:start + math.prod(shape) * dtype.itemsize].view(dtype).reshape(shape)
 
 
+def _box(shape: tuple[int, ...], shardings: NF4Tensor | None, per_row: int) -> tuple[range, ...]:
+    """The part of a dense NF4 leaf `shape` (`[..., in, out]`) that this process's devices hold under `shardings`
+    (an `NF4Tensor` of its fields' shardings; None: all of it), one `range` per dense axis: the union over every
+    field's addressable shards, `in` widened to whole packing chunks (a chunk quantises on its own). `per_row`:
+    rows of `in` per stored row of codes (2 for uint8, 4 for bfloat16)."""
+    if shardings is None:
+        return tuple(range(d) for d in shape)
+    *lead, k, n = shape
+    lo, hi = list(shape), [0] * len(shape)
+
+    def cover(field_shape: tuple[int, ...], sharding: Any, scale: tuple[int, ...]) -> None:
+        for index in sharding.addressable_devices_indices_map(field_shape).values():
+            for ax, (sl, dim, f) in enumerate(zip(index, field_shape, scale)):
+                start, stop, _ = sl.indices(dim)
+                lo[ax], hi[ax] = min(lo[ax], start * f), max(hi[ax], stop * f)
+
+    ones = (1,) * len(lead)
+    cover((*lead, k // per_row, n), shardings.codes, (*ones, per_row, 1))
+    cover((*lead, k // BLOCK, n), shardings.absmax, (*ones, BLOCK, 1))
+    for field in (shardings.nested_absmax, shardings.offset):  # layer axes only: the whole of each matrix
+        if field is not None:
+            cover(tuple(lead), field, ones)
+    lo[-2], hi[-2] = lo[-2] // CHUNK * CHUNK, min(k, -(-hi[-2] // CHUNK) * CHUNK)
+    return tuple(range(a, max(a, b)) for a, b in zip(lo, hi))
+
+
 class NF4Stack:
     """Host buffers of one NF4 leaf, filled matrix by matrix (`set`) while a checkpoint loads: the host holds the
-    quantised fields and one dense matrix, never the dense stack. `finish` hands out the `NF4Tensor`."""
+    quantised fields and one dense matrix, never the dense stack. `finish` hands out the `NF4Tensor`.
 
-    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, plan: QuantPlan):
+    With `shardings` (an `NF4Tensor` of its fields' shardings, e.g. over a multi-host mesh) the buffers hold only
+    the box of layers, rows and columns this process's devices need (`_box`), `read_index` says which part of
+    each matrix `set` needs, and `finish` builds global arrays from the box. Double quantisation needs every
+    block's absmax (its offset is their mean), so it reads whole matrices but stores and encodes only the box."""
+
+    def __init__(self, shape: tuple[int, ...], dtype: np.dtype, plan: QuantPlan, shardings: NF4Tensor | None = None):
         *lead, k, n = shape
         if k % BLOCK:
             raise UnsupportedConfigError(f"quantize: a weight with {k} input features is not a multiple of the NF4 "
                                          f"block ({BLOCK}); leave it out of quantize.targets")
-        self.lead, self.dtype, self.plan = tuple(lead), dtype, plan
-        lead = tuple(lead)
-        self.codes = _aligned((*lead, k // 2, n), np.uint8)
-        self.absmax = _aligned((*lead, k // BLOCK, n), np.uint8 if plan.double_quant else np.float32)
-        self.nested = _aligned((*lead, math.ceil(k * n / BLOCK / NESTED_BLOCK)), np.float32) \
+        if len(lead) > 1:
+            raise UnsupportedConfigError(f"quantize: weights of shape {shape}: one leading (layer) axis at most")
+        self.shape, self.dtype, self.plan, self.shardings = tuple(shape), dtype, plan, shardings
+        self.box = _box(self.shape, shardings, 2 * np.dtype(jnp.dtype(plan.storage_dtype)).itemsize)
+        *lb, rows, cols = self.box
+        self.lead = tuple(len(r) for r in lb)
+        self.codes = _aligned((*self.lead, len(rows) // 2, len(cols)), np.uint8)
+        self.absmax = _aligned((*self.lead, len(rows) // BLOCK, len(cols)),
+                               np.uint8 if plan.double_quant else np.float32)
+        self.nested = _aligned((*self.lead, math.ceil(k * n / BLOCK / NESTED_BLOCK)), np.float32) \
             if plan.double_quant else None
-        self.offset = _aligned(lead, np.float32) if plan.double_quant else None
-        self.filled = np.zeros(lead, bool)
+        self.offset = _aligned(self.lead, np.float32) if plan.double_quant else None
+        self.filled = np.zeros(self.lead, bool)
+
+    def layers(self) -> list[int | None]:
+        """The layers `set` needs (None: an unstacked leaf)."""
+        return list(self.box[0]) if len(self.shape) == 3 else [None]
+
+    def read_index(self) -> tuple[slice, slice]:
+        """The part `[in, out]` of each dense matrix that `set` needs: the whole matrix with double quantisation,
+        else only this process's box."""
+        rows, cols = self.box[-2:]
+        if self.plan.double_quant:
+            return slice(0, self.shape[-2]), slice(0, self.shape[-1])
+        return slice(rows.start, rows.stop), slice(cols.start, cols.stop)
 
     def set(self, layer: int | None, w: np.ndarray) -> None:
-        """Quantise the dense matrix `w[in, out]` of layer `layer` (None: an unstacked leaf), one packing chunk of
-        256 rows at a time so that the quantiser's temporaries stay a small multiple of a chunk."""
-        at = () if layer is None else (layer,)
-        k = w.shape[0]
-        absmax = np.empty((k // BLOCK, w.shape[1]), np.float32)
-        for s in range(0, k, CHUNK):
-            codes, amax = _quantize_rows(jnp.asarray(w[s:s + CHUNK]))
-            self.codes[at][s // 2:(s + CHUNK) // 2] = np.asarray(codes)
+        """Quantise the dense matrix of layer `layer` (None: an unstacked leaf), `w` its part `read_index()`, one
+        packing chunk of 256 rows at a time so that the quantiser's temporaries stay a small multiple of a chunk."""
+        at = () if layer is None else (layer - self.box[0].start,)
+        rows, cols = self.box[-2:]
+        r0 = self.read_index()[0].start
+        c = slice(cols.start, cols.stop) if self.plan.double_quant else slice(None)  # columns of w to keep
+        absmax = np.empty((w.shape[0] // BLOCK, w.shape[1]), np.float32)
+        for s in range(0, w.shape[0], CHUNK):
+            g = r0 + s  # the chunk's first row in the whole matrix
+            if rows.start <= g < rows.stop:
+                codes, amax = _quantize_rows(jnp.asarray(w[s:s + CHUNK]))
+                local = (g - rows.start) // 2
+                self.codes[at][local:local + codes.shape[0]] = np.asarray(codes)[:, c]
+            else:  # outside the box: its absmax only (the double quantisation needs it)
+                amax = _absmax_rows(jnp.asarray(w[s:s + CHUNK]))
             absmax[s // BLOCK:(s + CHUNK) // BLOCK] = np.asarray(amax)
         if self.plan.double_quant:
             q, nested, offset = _double_quantize(jnp.asarray(absmax))
-            self.absmax[at] = np.asarray(q)
+            self.absmax[at] = np.asarray(q)[rows.start // BLOCK:rows.stop // BLOCK, c]
             self.nested[at] = np.asarray(nested)
             self.offset[at] = np.asarray(offset)
         else:
@@ -117,12 +180,46 @@ class NF4Stack:
     def finish(self) -> NF4Tensor:
         if not self.filled.all():
             raise ValueError("NF4Stack.finish: some matrices were never set")
-        # aligned host buffers become the arrays without a copy on CPU (bfloat16 storage is one bitcast copy)
-        arr = lambda v: None if v is None else jax.device_put(v, may_alias=True)  # noqa: E731
-        codes = view_codes(arr(self.codes), self.plan.storage_dtype)
-        t = NF4Tensor(codes, arr(self.absmax), arr(self.nested), arr(self.offset), self.dtype.name)
+        if self.shardings is None:
+            # aligned host buffers become the arrays without a copy on CPU (bfloat16 storage is one bitcast copy)
+            arr = lambda v: None if v is None else jax.device_put(v, may_alias=True)  # noqa: E731
+            codes = view_codes(arr(self.codes), self.plan.storage_dtype)
+            t = NF4Tensor(codes, arr(self.absmax), arr(self.nested), arr(self.offset), self.dtype.name)
+        else:
+            t = self._finish_sharded()
         self.codes = self.absmax = self.nested = self.offset = None
         return t
+
+    def _finish_sharded(self) -> NF4Tensor:
+        """Global arrays of the fields' shardings, each process's shards cut from its box."""
+        *lead, k, n = self.shape
+        *lb, rows, cols = self.box
+        s = self.shardings
+
+        def build(host: np.ndarray | None, shape: tuple[int, ...], sharding: Any, first: tuple[int, ...]):
+            """A global array `shape` of `sharding` whose part held here is `host`, starting at index `first`."""
+            if host is None:
+                return None
+
+            def cut(index: tuple[slice, ...]) -> np.ndarray:
+                local = []
+                for sl, dim, f0, m in zip(index, shape, first, host.shape):
+                    a, b, _ = sl.indices(dim)
+                    if a < f0 or b - f0 > m:
+                        raise ValueError(f"NF4Stack: shard {index} of {shape} lies outside this process's box")
+                    local.append(slice(a - f0, b - f0))
+                return host[tuple(local)]
+            return jax.make_array_from_callback(shape, sharding, cut)
+
+        layer0 = tuple(r.start for r in lb)
+        codes = build(self.codes, (*lead, k // 2, n), s.codes, (*layer0, rows.start // 2, cols.start))
+        if jnp.dtype(self.plan.storage_dtype) != jnp.uint8:  # the same shards viewed as bfloat16 pairs
+            codes = jax.jit(lambda c: view_codes(c, self.plan.storage_dtype), out_shardings=s.codes)(codes)
+        absmax = build(self.absmax, (*lead, k // BLOCK, n), s.absmax, (*layer0, rows.start // BLOCK, cols.start))
+        nested = None if self.nested is None else build(self.nested, (*lead, self.nested.shape[-1]),
+                                                        s.nested_absmax, (*layer0, 0))
+        offset = build(self.offset, tuple(lead), s.offset, layer0)
+        return NF4Tensor(codes, absmax, nested, offset, self.dtype.name)
 
 
 def _paths(tree: Any) -> list[tuple[tuple[str, ...], Any]]:
@@ -144,6 +241,20 @@ def quantize_params(params: dict, plan: QuantPlan) -> dict:
                 node = node[k]
             node[path[-1]] = stack.finish()
     return out
+
+
+def abstract_quantized(base: Any, plan: QuantPlan) -> Any:
+    """The abstract base (`jax.ShapeDtypeStruct` leaves) with each kernel `plan` targets as the `NF4Tensor` that
+    quantising it makes (packed codes, absmax, double-quantisation tables in their storage dtypes): shapes only,
+    nothing computed."""
+    def walk(node: Any, path: tuple[str, ...]) -> Any:
+        if isinstance(node, dict):
+            return {k: walk(v, (*path, k)) for k, v in node.items()}
+        if not plan.targets(path):
+            return node
+        return jax.eval_shape(lambda w: quantize(w, double_quant=plan.double_quant,
+                                                 storage_dtype=plan.storage_dtype), node)
+    return walk(base, ())
 
 
 def compute_view(tree: Any) -> Any:

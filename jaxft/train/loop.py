@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 import jaxft
 from jaxft import parallel, peft, quant
 from jaxft.data import Batches
+from jaxft.io.hf import is_bnb_checkpoint
 from jaxft.models.params import abstract_params, logical_axes
 from jaxft.parallel import distributed
 from jaxft.parallel.rules import shard_counts
@@ -171,28 +172,33 @@ def build(prep: Prepared) -> Session:
         return optimizer
 
     where = None
-    if mesh is None or quantize is not None:
-        # One device, or a quantised base (each process quantises the whole base while loading, then keeps its part)
+    if mesh is None or is_bnb_checkpoint(cfg.model.path):
+        # One device: the base read (and quantised, for qlora) a tensor at a time. A bitsandbytes checkpoint (its
+        # NF4 layout known only once read; a quarter of the dense bytes) is read whole, then placed.
         config, params = jaxft.load_pretrained(cfg.model.path, dtype=cfg.model.param_dtype, quantize=quantize)
         trainable = make_trainable(params)
         frozen = None if spec is None else params
         quant.refuse_trainable(trainable, "trainable parameters")
         optimizer = make_opt(trainable, frozen)
         opt_state = optimizer.init(trainable)
-        if mesh is not None:  # the NF4 fields' axes (codes, absmax, double-quantisation tables)
-            where = placement(mesh, cfg.parallel.rules, config, spec, trainable, frozen, opt_state)
-            where = dataclasses.replace(where, frozen=parallel.param_shardings(quant.tree_axes(
-                logical_axes(config), frozen, shard_counts(cfg.parallel.rules, mesh)), cfg.parallel.rules, mesh))
+        if mesh is not None:
+            where = _quantized_frozen(placement(mesh, cfg.parallel.rules, config, spec, trainable, frozen,
+                                                opt_state), cfg, config, frozen)
             trainable, frozen, opt_state = place_session_trees(where, trainable, frozen, opt_state)
             rng = put_replicated(rng, where)
     else:
-        # shardings first, from shapes alone; then each process reads its slabs straight onto its devices
+        # shardings first, from shapes alone; then each process reads its slabs straight onto its devices (a
+        # quantised base: each process quantises a matrix at a time and keeps its part of the NF4 fields)
         base = abstract_params(config, jnp.dtype(cfg.model.param_dtype))
+        if quantize is not None:
+            base = quant.abstract_quantized(base, quantize)
         abstract = jax.eval_shape(make_trainable, base)
+        quant.refuse_trainable(abstract, "trainable parameters")
         optimizer = make_opt(abstract, None if spec is None else base)
-        where = placement(mesh, cfg.parallel.rules, config, spec, abstract, None if spec is None else base,
-                          jax.eval_shape(optimizer.init, abstract))
-        _, params = jaxft.load_pretrained(cfg.model.path, dtype=cfg.model.param_dtype,
+        where = _quantized_frozen(placement(mesh, cfg.parallel.rules, config, spec, abstract,
+                                            None if spec is None else base, jax.eval_shape(optimizer.init, abstract)),
+                                  cfg, config, None if spec is None else base)
+        _, params = jaxft.load_pretrained(cfg.model.path, dtype=cfg.model.param_dtype, quantize=quantize,
                                           shardings=where.trainable if spec is None else where.frozen)
         frozen = None if spec is None else params
         trainable = make_trainable(params)
@@ -208,6 +214,15 @@ def build(prep: Prepared) -> Session:
     return Session(StaticModel(config, spec, options), trainable, frozen, optimizer, opt_state, rng,
                    prep.data.train_batches(cfg.train.batch_size, cfg.train.seed), n_trainable, n_total,
                    placement=where)
+
+
+def _quantized_frozen(where: Placement, cfg: TrainConfig, config: Any, frozen: Any) -> Placement:
+    """`where` with the frozen base's NF4 leaves (if any) sharded by their fields' axes (codes, absmax,
+    double-quantisation tables: `jaxft.quant.tree_axes`)."""
+    if frozen is None or not quant.nf4_leaves(frozen):
+        return where
+    axes = quant.tree_axes(logical_axes(config), frozen, shard_counts(cfg.parallel.rules, where.mesh))
+    return dataclasses.replace(where, frozen=parallel.param_shardings(axes, cfg.parallel.rules, where.mesh))
 
 
 def _checkpointer(cfg: TrainConfig) -> Checkpointer:

@@ -3,7 +3,7 @@
     python tests/parallel/multihost_worker.py SPEC.json
 
 SPEC: {"coordinator", "num_processes", "process_id", "timeout_s" (null: single process), "model", "memory_model"
-(null: skip), "ckpt", "out", "mesh": [data, fsdp], "method": "lora"|"full", "steps", "signal_at" (null: none),
+(null: skip), "quant_model" (null: skip; loaded quantised to NF4 with FSDP over every device), "ckpt", "out", "mesh": [data, fsdp], "method": "lora"|"full", "steps", "signal_at" (null: none),
 "signal_process", "export" (null, or where to write the merged model after the last step)}. It loads the tiny
 model sharded over the global mesh, trains `steps` steps with jaxft's train step on global batches fed per process,
 checkpoints every second step and at a stop (async Orbax, all processes), resumes from the latest
@@ -13,11 +13,13 @@ step reached, the stop reason, the host memory measurements, the poll cost; proc
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
 import sys
 import time
+import tracemalloc
 
 import jax
 
@@ -72,6 +74,35 @@ def fsdp_shardings(tree, mesh: Mesh):
     return jax.tree.map(one, tree)
 
 
+def quantised_load(path: str) -> dict:
+    """Load `path` quantised to NF4 (bf16, the trainer's defaults) with the trainer's FSDP rules over every device:
+    the host memory numpy holds at its peak (tracemalloc: the dense slabs and NF4 buffers of this process, without
+    malloc's per-thread arenas), the bytes this process's devices hold, and a digest of every gathered field."""
+    from jaxft import parallel, quant
+    from jaxft.models.params import logical_axes
+    from jaxft.parallel.rules import shard_counts
+
+    cfg = jaxft.load_config(path)
+    plan = quant.QuantPlan()
+    base = quant.abstract_quantized(jaxft.abstract_params(cfg, jnp.bfloat16), plan)
+    mesh = parallel.make_mesh(parallel.ParallelSection(), jax.devices())  # default: FSDP over every device
+    shardings = parallel.param_shardings(quant.tree_axes(logical_axes(cfg), base, shard_counts("fsdp", mesh)),
+                                         "fsdp", mesh)
+    tracemalloc.start()
+    _, q = jaxft.load_pretrained(path, dtype="bfloat16", quantize=plan, shardings=shardings)
+    jax.block_until_ready(q)
+    _, host_peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    leaves = jax.tree_util.tree_leaves_with_path(q)
+    out = {"host_peak": host_peak, "model_bytes": sum(x.nbytes for _, x in leaves),
+           "local_bytes": sum(s.data.nbytes for _, x in leaves for s in x.addressable_shards),
+           "digests": {}}
+    for p, x in leaves:  # every process takes part in each gather
+        host = distributed.host_array(x)
+        out["digests"][jax.tree_util.keystr(p)] = hashlib.sha256(host.view(np.uint8).tobytes()).hexdigest()
+    return out
+
+
 def examples(vocab: int) -> list[Example]:
     rng = np.random.default_rng(0)
     out = []
@@ -107,6 +138,9 @@ def main(spec: dict) -> None:
             "model_bytes": sum(x.nbytes for x in jax.tree.leaves(big)),
             "local_bytes": sum(s.data.nbytes for x in jax.tree.leaves(big) for s in x.addressable_shards)}
         del big
+
+    if spec.get("quant_model"):
+        report["quant"] = quantised_load(spec["quant_model"])
 
     report["loaded_big_s"] = time.perf_counter() - t0
     config = jaxft.load_config(spec["model"])

@@ -177,6 +177,20 @@ def test_bad_checkpoints_refused_by_name(checkpoints, tmp_path, bad):
     assert "\n" not in str(e.value) and path in str(e.value)
 
 
-def test_sharded_load_refused(checkpoints):
-    with pytest.raises(UnsupportedConfigError, match="loads onto one device"):
-        jaxft.load_pretrained(str(checkpoints["double_quant"][0]), shardings={})
+def test_sharded_load_places_the_checkpoint(checkpoints):
+    """With shardings (here a one-device mesh: the multi-device placement is `_place_host`'s
+    `make_array_from_callback`), the checkpoint loads as it does without, every field on its sharding."""
+    from jax.sharding import Mesh, NamedSharding
+
+    from jaxft import parallel, quant
+    from jaxft.parallel.rules import shard_counts
+
+    path = str(checkpoints["double_quant"][0])
+    config, plain = jaxft.load_pretrained(path)
+    mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1, 1), parallel.MESH_AXES)
+    axes = quant.tree_axes(jaxft.models.params.logical_axes(config), plain, shard_counts("fsdp", mesh))
+    shardings = parallel.param_shardings(axes, "fsdp", mesh)
+    _, placed = jaxft.load_pretrained(path, shardings=shardings)
+    assert jax.tree.structure(placed) == jax.tree.structure(plain)
+    for a, b, s in zip(jax.tree.leaves(placed), jax.tree.leaves(plain), jax.tree.leaves(shardings)):
+        assert a.sharding == s and np.array_equal(np.asarray(a), np.asarray(b))

@@ -129,3 +129,49 @@ def test_quantised_load_peak_memory(tmp_path):
     # fp32 peaks at 264 MB (a 260 MB model). Bounds: 3.5x, and 0.75 of the dense model.
     assert m["peak"] <= 3.5 * (m["stored"] + m["largest"]), m
     assert m["peak"] <= 0.75 * m["dense"], m
+
+
+class _Holds:
+    """A stand-in for one field's sharding on a process whose devices hold the part `index` of it: all that
+    `NF4Stack` asks of a sharding (the addressable shards' indices) before it builds the arrays."""
+
+    def __init__(self, *index: slice):
+        self.index = index
+
+    def addressable_devices_indices_map(self, shape):
+        return {"device": self.index}
+
+
+@pytest.mark.parametrize("storage", ["uint8", "bfloat16"])
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_a_process_keeps_only_its_part(storage, double_quant):
+    """A process holding layer 1, rows 256:512 and columns 32:64 of a [2, 768, 96] stack quantises and keeps just
+    that part, equal to the same part of the whole stack's quantisation (multi-host end to end:
+    tests/parallel/test_multihost.py)."""
+    w = np.asarray(jax.random.normal(jax.random.key(5), (2, 768, 96)), np.float32)
+    plan = quant.QuantPlan(storage_dtype=storage, double_quant=double_quant)
+    per = 2 if storage == "uint8" else 4  # rows of `in` per stored row of codes
+    layer, rows, cols = slice(1, 2), slice(256, 512), slice(32, 64)
+    held = NF4Tensor(_Holds(layer, slice(rows.start // per, rows.stop // per), cols),
+                     _Holds(layer, slice(rows.start // 64, rows.stop // 64), cols),
+                     _Holds(layer, slice(None)) if double_quant else None,
+                     _Holds(layer) if double_quant else None, "float32")
+    stack = plan.stack(w.shape, np.float32, shardings=held)
+    assert stack.layers() == [1]
+    want_read = (slice(0, 768), slice(0, 96)) if double_quant else (rows, cols)
+    assert stack.read_index() == want_read
+    for i in stack.layers():
+        stack.set(i, w[i][stack.read_index()])
+    whole = quant.quantize(w, double_quant=double_quant)
+    if double_quant:  # the offset is an fp32 mean whose summation order XLA picks per program: checked apart
+        np.testing.assert_allclose(stack.offset[0], np.asarray(whole.offset)[1], rtol=1e-6)
+        whole = quant.quantize(w, offset=np.array([whole.offset[0], stack.offset[0]], np.float32))
+    np.testing.assert_array_equal(stack.codes[0], np.asarray(whole.codes)[1, 128:256, 32:64])
+    np.testing.assert_array_equal(stack.absmax[0], np.asarray(whole.absmax)[1, 4:8, 32:64])
+    if double_quant:
+        np.testing.assert_array_equal(stack.nested[0], np.asarray(whole.nested_absmax)[1])
+
+    # a part that starts inside a packing chunk widens to the whole chunk (256 rows); columns stay as held
+    inside = NF4Tensor(_Holds(layer, slice(64 // per * 2, 256 // per), cols), _Holds(layer, slice(2, 4), cols),
+                       held.nested_absmax, held.offset, "float32")
+    assert plan.stack(w.shape, np.float32, shardings=inside).box == (range(1, 2), range(0, 256), range(32, 64))
