@@ -42,3 +42,27 @@ def keep_freed_host_memory() -> bool:
     # returned to the system (glibc reads -1 as the largest unsigned value).
     return all(mallopt(param, value) for param, value in ((_M_ARENA_MAX, 1), (_M_MMAP_MAX, 0),
                                                           (_M_TRIM_THRESHOLD, -1)))
+
+
+def reset_peak_rss() -> int | None:
+    """Linux: reset this process's peak resident set size (VmHWM) to its current size, so that `peak_rss` then
+    reads the peak of what follows; returns the current resident bytes. None where the kernel offers no reset."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return _status_bytes("VmRSS")
+    except OSError:
+        return None
+
+
+def peak_rss() -> int | None:
+    """Linux: this process's peak resident set size in bytes since start or the last `reset_peak_rss`."""
+    try:
+        return _status_bytes("VmHWM")
+    except OSError:
+        return None
+
+
+def _status_bytes(key: str) -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":"))

@@ -26,7 +26,7 @@ from jaxft.io.files import read_json
 from jaxft.io.gguf import config_from_gguf, gguf_model, open_gguf
 from jaxft.io.stored import StoredTensor, safetensors_tensors
 from jaxft.models.config import LlamaConfig, from_hf, to_hf
-from jaxft.parallel.distributed import agree
+from jaxft.parallel.distributed import agree, array_from_blocks, put_global
 
 _BENIGN_EXTRA = ("rotary_emb.inv_freq",)
 _DTYPES = {"float32": np.float32, "fp32": np.float32, "bfloat16": ml_dtypes.bfloat16, "bf16": ml_dtypes.bfloat16,
@@ -161,7 +161,7 @@ def _fill(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dtype, wher
 def _fill_sharded(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dtype, where: str,
                   shardings: Any, quantize: Any = None) -> dict:
     """Like `_fill`, but each leaf becomes an array of its sharding in `shardings` (a tree like the params) built
-    by `jax.make_array_from_callback`: each process reads, for each of its devices, only that device's block of
+    by `array_from_blocks` (`jax.make_array_from_callback` a device at a time): each process reads, for each of its devices, only that device's block of
     each tensor (the rows it needs, a slab at a time), so no process holds more than its shards plus one slab.
     A shard repeated on consecutive local devices (a replicated axis) is read once. A leaf `quantize` targets has
     an `NF4Tensor` of shardings in `shardings`: it is quantised a matrix at a time and only this process's part of
@@ -211,17 +211,14 @@ def _fill_sharded(config: LlamaConfig, stored: list[StoredTensor], dtype: np.dty
                 cache.update(key=key, value=value)
             return cache["value"]
 
-        leaves[path] = jax.make_array_from_callback(shape, node, read)
+        leaves[path] = array_from_blocks(shape, node, read)
         cache.clear()
     return _tree(leaves)
 
 
 def _place_host(params: dict, shardings: Any) -> dict:
     """`params` (whole on every process) as arrays of `shardings`, each process placing only its own shards."""
-    def one(x, sharding):
-        host = np.asarray(x)
-        return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
-    return jax.tree.map(one, params, shardings)
+    return jax.tree.map(put_global, params, shardings)
 
 
 def load_config(path: str) -> LlamaConfig:

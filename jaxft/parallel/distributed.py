@@ -13,7 +13,8 @@ partitions each step over the global mesh, and the processes meet in collectives
 - `is_primary()`: process 0 writes the files meant once per run (metrics, plots, summaries, exports).
 - `agree(flag)`: True on every process when it is True on any (a stop request must stop all of them at one step,
   or the others wait forever in the next collective).
-- `put_global`, `host_array`, `process_rows`, `global_batch`: host data in, host data out, per process.
+- `put_global`, `array_from_blocks`, `host_array`, `process_rows`, `global_batch`: host data in, host data out, per
+  process.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
@@ -29,7 +30,7 @@ from jax.experimental import multihost_utils
 
 from jaxft.errors import ConfigError, JaxftError
 
-__all__ = ["DistributedSettings", "agree", "gather_ints", "global_batch", "host_array", "initialize", "is_primary",
+__all__ = ["DistributedSettings", "agree", "array_from_blocks", "gather_ints", "global_batch", "host_array", "initialize", "is_primary",
            "put_global", "process_rows", "settings", "sync"]
 
 DEFAULT_TIMEOUT_S = 300  # jax.distributed's own default (initialization_timeout)
@@ -203,7 +204,19 @@ def put_global(value: Any, sharding: jax.sharding.Sharding) -> jax.Array:
     with the same key everywhere): each process places only its own shards. Works for one process too, where
     `jax.device_put` would do."""
     host = np.asarray(value)
-    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
+    return array_from_blocks(host.shape, sharding, lambda index: host[index])
+
+
+def array_from_blocks(shape: tuple[int, ...], sharding: jax.sharding.Sharding,
+                      read: Callable[[tuple[slice, ...]], np.ndarray]) -> jax.Array:
+    """`jax.make_array_from_callback(shape, sharding, read)`, one local device at a time: each block `read(index)`
+    returns is on its device before the next is read, so the host holds one block beyond the arrays.
+    (`make_array_from_callback` reads every local block first: on a CPU host, where the arrays are host memory too,
+    that doubles the process's part of the leaf.)"""
+    arrays = []
+    for device, index in sharding.addressable_devices_indices_map(tuple(shape)).items():
+        arrays.append(jax.device_put(read(index), device).block_until_ready())
+    return jax.make_array_from_single_device_arrays(tuple(shape), sharding, arrays)
 
 
 def host_array(x: jax.Array) -> np.ndarray:

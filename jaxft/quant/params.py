@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxft.errors import UnsupportedConfigError
+from jaxft.parallel.distributed import array_from_blocks
 from jaxft.quant.bnb_format import BLOCK, NESTED_BLOCK, double_quantize
 from jaxft.quant.layout import CHUNK
 from jaxft.quant.nf4 import NF4Tensor, quantize, view_codes, with_storage
@@ -209,7 +210,7 @@ class NF4Stack:
                         raise ValueError(f"NF4Stack: shard {index} of {shape} lies outside this process's box")
                     local.append(slice(a - f0, b - f0))
                 return host[tuple(local)]
-            return jax.make_array_from_callback(shape, sharding, cut)
+            return array_from_blocks(shape, sharding, cut)
 
         layer0 = tuple(r.start for r in lb)
         codes = build(self.codes, (*lead, k // 2, n), s.codes, (*layer0, rows.start // 2, cols.start))

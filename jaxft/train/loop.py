@@ -31,7 +31,7 @@ import yaml
 from tqdm.auto import tqdm
 
 import jaxft
-from jaxft import parallel, peft, quant
+from jaxft import parallel, peft, quant, runtime
 from jaxft.data import Batches
 from jaxft.io.hf import is_bnb_checkpoint
 from jaxft.models.params import abstract_params, logical_axes
@@ -92,7 +92,8 @@ class Session:
     `frozen` (the base weights of a PEFT method; None for full fine-tuning), the optimizer and its state, the PRNG key,
     the train batch iterator, the step reached and the run's figures so far (`progress`). `ckpt` and `writer` exist
     once the run has claimed its output_dir (`claim`). `placement`: the trees' shardings on a device mesh (None on
-    one device; see `jaxft.train.sharded`)."""
+    one device; see `jaxft.train.sharded`). `load_host_kib`: each process's peak host memory growth while the
+    weights loaded (None where the OS cannot say)."""
 
     model: StaticModel
     trainable: Any
@@ -109,6 +110,7 @@ class Session:
     ckpt: Checkpointer | None = None
     writer: MetricsWriter | None = None
     placement: Placement | None = None
+    load_host_kib: list[int] | None = None
     _train_step: Any = None
     _eval_step: Any = None
 
@@ -149,7 +151,7 @@ def build(prep: Prepared) -> Session:
     mesh = run_mesh(cfg.parallel)
     if mesh is not None:
         check_run(prep.model_config, spec, cfg.parallel, mesh, cfg.train.batch_size)
-    t = time.perf_counter()
+    t, rss_before = time.perf_counter(), runtime.reset_peak_rss()
     check_quantize(cfg.quantization(), prep.model_config)
     quantize = None if cfg.quantization() is None else quant.QuantPlan.from_section(cfg.quantize)
     config = prep.model_config
@@ -207,13 +209,18 @@ def build(prep: Prepared) -> Session:
     n_trainable = count_params(trainable)
     n_total = count_params(params) + (0 if spec is None else n_trainable)
     del params
+    # each process's peak host memory while loading, above what it held before (KiB; all processes gather it)
+    grown = None if rss_before is None else max(0, (runtime.peak_rss() or rss_before) - rss_before) // 1024
+    load_kib = [int(v) for v in distributed.gather_ints([-1 if grown is None else grown])[:, 0]]
+    load_kib = None if min(load_kib) < 0 else load_kib
+    mem = "" if grown is None else f"; host memory peak +{grown / 1024:.0f} MB"
     print(f"model: {cfg.model.path} loaded, {n_trainable:,} of {n_total:,} parameters trainable "
-          f"({time.perf_counter() - t:.0f} s)", flush=True)
+          f"({time.perf_counter() - t:.0f} s{mem})", flush=True)
     if mesh is not None:
         print(f"mesh: {dict(mesh.shape)} over {mesh.size} devices, rules {cfg.parallel.rules}", flush=True)
     return Session(StaticModel(config, spec, options), trainable, frozen, optimizer, opt_state, rng,
                    prep.data.train_batches(cfg.train.batch_size, cfg.train.seed), n_trainable, n_total,
-                   placement=where)
+                   placement=where, load_host_kib=load_kib)
 
 
 def _quantized_frozen(where: Placement, cfg: TrainConfig, config: Any, frozen: Any) -> Placement:
@@ -453,6 +460,9 @@ def _summary(prep: Prepared, session: Session, result: TrainResult, final: dict[
               "tokens/s": p["tokens"] / p["step_s"] if p["step_s"] > 0 else None})
     if p["resumed_at"]:
         s["resumed at steps"] = list(p["resumed_at"])
+    if session.load_host_kib is not None:  # one figure per process
+        mb = [round(k / 1024, 1) for k in session.load_host_kib]
+        s["host memory while loading (MB)"] = mb[0] if len(mb) == 1 else mb
     return s
 
 
