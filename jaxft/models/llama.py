@@ -61,7 +61,8 @@ _POLICIES = {
 @dataclasses.dataclass
 class KVCache:
     """Keys/values of every layer for generation: `k, v[L, B, K, S, hd]` (a head's slots contiguous, so a decode
-    step's scores and weighted sum read them as stored), `segment_ids[B, S]` (0 = empty slot or padding), `index[B]`:
+    step's scores and weighted sum read them as stored), or tuples of L arrays `[B, K, S, hd]` (one buffer per layer,
+    for parameters held per layer: see `decoder`), `segment_ids[B, S]` (0 = empty slot or padding), `index[B]`:
     each row's next slot to write (int32), so rows fill to different lengths."""
 
     k: jax.Array
@@ -70,11 +71,17 @@ class KVCache:
     index: jax.Array
 
 
-def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache of `max_len` slots per row."""
+def init_cache(config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32, per_layer: bool = False
+               ) -> KVCache:
+    """An empty cache of `max_len` slots per row; `per_layer`: one buffer per layer (for parameters held per layer,
+    `jaxft.models.params.unstack_layers`)."""
     shape = (config.num_hidden_layers, batch, config.num_key_value_heads, max_len, config.head_dim)
-    return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), jnp.int32),
-                   jnp.zeros((batch,), jnp.int32))
+    if per_layer:
+        k = tuple(jnp.zeros(shape[1:], dtype) for _ in range(shape[0]))
+        v = tuple(jnp.zeros(shape[1:], dtype) for _ in range(shape[0]))
+    else:
+        k, v = jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    return KVCache(k, v, jnp.zeros((batch, max_len), jnp.int32), jnp.zeros((batch,), jnp.int32))
 
 
 @jax.tree_util.register_dataclass
@@ -92,6 +99,9 @@ class AttentionInputs:
     window (static): the sliding window of a model whose layers all use it (blocked attention then skips the key
     blocks it hides); None when no layer, or only some layers, have one.
     attention (static): `ModelOptions.attention`, the implementation of the blocked path.
+    write_slots[B, T]: with a one-layer cache of the layer's own buffers (parameters held per layer), the slots this
+    call's keys/values are written to before the attention reads the cache (in place); None: `decoder` writes
+    the stacked cache after the layers.
     """
 
     mask: jax.Array
@@ -102,6 +112,7 @@ class AttentionInputs:
     block: int | None = dataclasses.field(default=None, metadata=dict(static=True))
     window: int | None = dataclasses.field(default=None, metadata=dict(static=True))
     attention: str = dataclasses.field(default="auto", metadata=dict(static=True))
+    write_slots: jax.Array | None = None
 
 
 @jax.tree_util.register_dataclass
@@ -153,10 +164,17 @@ def attention_block(c: LlamaConfig, p: dict, x_btd: jax.Array, cos: jax.Array, s
         mask = inputs.mask if window is None else inputs.window_mask
         if layer.window is not None:  # layers differ: this one's mask by its window
             mask = jnp.where(layer.window < _NO_WINDOW, inputs.window_mask, inputs.mask)
-        out = cache_attention(q, k, v, mask, inputs.q_segment_ids, cache.k, cache.v, layer.layer_index,
+        cache_k, cache_v, new_kv = cache.k, cache.v, (k, v)
+        if inputs.write_slots is not None:  # this layer's own buffers: written first (the slots the attention
+            # reads are below each row's index, these at or above it), then read: in place, nothing copied
+            rows = jnp.arange(b)[:, None]
+            cache_k = cache_k.at[0, rows, :, inputs.write_slots].set(k.astype(cache_k.dtype), mode="drop")
+            cache_v = cache_v.at[0, rows, :, inputs.write_slots].set(v.astype(cache_v.dtype), mode="drop")
+            new_kv = (cache_k[0], cache_v[0])
+        out = cache_attention(q, k, v, mask, inputs.q_segment_ids, cache_k, cache_v, layer.layer_index,
                               cache.segment_ids, cache.index, inputs.cache_bound, window, layer.prefix_k,
                               layer.prefix_v)
-        return _proj(p["o_proj"], out), (k, v)
+        return _proj(p["o_proj"], out), new_kv
     if inputs.block and layer.prefix_k is None:
         window = inputs.window if layer.window is None else layer.window
         out = blocked_causal_attention(q, k, v, inputs.mask, inputs.block, merge_heads=True, window=window,
@@ -259,15 +277,21 @@ def decoder(config: LlamaConfig, params: dict, x_btd: jax.Array, *, positions: j
         prefix_k=None if prefix_kv is None else prefix_kv[0], prefix_v=None if prefix_kv is None else prefix_kv[1],
         window=None if uniform else jnp.asarray([_NO_WINDOW if w is None else w for w in windows], jnp.int32))
 
-    def body(h, xs):
+    def body(h, xs, layer_inputs=None):
         layer_params, layer = xs
-        h, new_kv = decoder_layer(c, layer_params, batch_rows(h), cos, sin, inputs, layer)
+        h, new_kv = decoder_layer(c, layer_params, batch_rows(h), cos, sin,
+                                  inputs if layer_inputs is None else layer_inputs, layer)
         return batch_rows(h.astype(x_btd.dtype)), new_kv
 
     if options.remat != "none":
         body = jax.checkpoint(body, policy=_POLICIES[options.remat], prevent_cse=not options.scan_layers)
 
-    xs = (params["model"]["layers"], per_layer)
+    layers = params["model"]["layers"]
+    if isinstance(layers, (list, tuple)):
+        h, cache = _per_layer(body, layers, x_btd, per_layer, inputs, segment_ids, advance)
+        h = rms_norm(h, params["model"]["norm"]["weight"], c.rms_norm_eps)
+        return h, cache
+    xs = (layers, per_layer)
     if options.scan_layers:
         h, new_kv = jax.lax.scan(body, x_btd, xs)
     else:
@@ -279,6 +303,41 @@ def decoder(config: LlamaConfig, params: dict, x_btd: jax.Array, *, positions: j
     h = rms_norm(h, params["model"]["norm"]["weight"], c.rms_norm_eps)
     new_cache = None if cache is None else _write_cache(cache, new_kv, segment_ids, advance)
     return h, new_cache
+
+
+def _per_layer(body, layers, x_btd, per_layer: LayerInputs, inputs: AttentionInputs, segment_ids, advance):
+    """The layer stack over parameters held per layer (a tuple of layer trees, `unstack_layers`), unrolled: each
+    layer's weights are their own buffers, where the scan's slice of a stacked weight is a copy on XLA:CPU (a
+    batch-1 decode step read its weights at 14 GB/s through the scan, 25 GB/s from separate buffers). The cache,
+    if any, is per layer too, each layer writing this call's keys into its own buffers before reading them
+    (`AttentionInputs.write_slots`): a stacked cache written after an unrolled stack was copied whole, several
+    times, every step."""
+    cache = inputs.cache
+    if cache is not None and not isinstance(cache.k, (list, tuple)):
+        raise UnsupportedConfigError("parameters held per layer need a per-layer cache: init_cache(..., "
+                                     "per_layer=True)")
+    slots = None if cache is None else _slots(cache, segment_ids, advance)
+    h, new_k, new_v = x_btd, [], []
+    for i, layer_params in enumerate(layers):
+        layer = jax.tree.map(lambda a: a[i], per_layer)
+        if cache is None:
+            h, _ = body(h, (layer_params, layer))
+            continue
+        one = KVCache(cache.k[i][None], cache.v[i][None], cache.segment_ids, cache.index)  # a one-layer stack
+        layer = dataclasses.replace(layer, layer_index=jnp.int32(0))
+        h, (k, v) = body(h, (layer_params, layer), dataclasses.replace(inputs, cache=one, write_slots=slots))
+        new_k.append(k)
+        new_v.append(v)
+    if cache is None:
+        return h, None
+    seg = cache.segment_ids.at[jnp.arange(h.shape[0])[:, None], slots].set(segment_ids, mode="drop")
+    return h, KVCache(tuple(new_k), tuple(new_v), seg, cache.index + advance)
+
+
+def _slots(cache: KVCache, segment_ids: jax.Array, advance: jax.Array) -> jax.Array:
+    """`[B, T]`: the slot each of this call's tokens is written to (past the end for idle rows: dropped)."""
+    t = segment_ids.shape[1]
+    return jnp.where(advance[:, None] > 0, cache.index[:, None] + jnp.arange(t), cache.segment_ids.shape[1])
 
 
 def _cache_extent(cache: KVCache, segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:

@@ -22,6 +22,7 @@ import dataclasses
 from typing import Any, Callable
 
 import jax
+import numpy as np
 import jax.numpy as jnp
 
 from jaxft.models.config import LlamaConfig
@@ -136,3 +137,27 @@ def path_str(path) -> str:
         else:
             parts.append(str(k))
     return ".".join(parts)
+
+
+def unstack_layers(params: dict) -> dict:
+    """`params` with `model.layers` as a tuple of per-layer trees instead of one tree stacked on a leading layer
+    axis. Every array in the layers must carry that axis (plain kernels, bound adapters, NF4 fields all do).
+    `decoder` runs such a tree unrolled, each layer's weights their own buffers: what XLA:CPU needs to read a
+    decode step's weights at full speed (it copies the slice a `scan` takes of a stacked weight). On CPU a layer's
+    arrays alias the stacked buffers (no copy; a buffer that cannot be aliased is copied); on other platforms they
+    are copies. Already unstacked: returned as is."""
+    layers = params["model"]["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    n = jax.tree.leaves(layers)[0].shape[0]
+
+    def layer(a: jax.Array, i: int) -> jax.Array:
+        devices = a.devices() if isinstance(a, jax.Array) else set()
+        if len(devices) == 1 and next(iter(devices)).platform == "cpu":
+            return jax.device_put(np.asarray(a)[i], next(iter(devices)), may_alias=True)
+        return a[i]
+
+    out = dict(params)
+    out["model"] = dict(params["model"], layers=tuple(jax.tree.map(lambda a: layer(a, i), layers)
+                                                       for i in range(n)))
+    return out
