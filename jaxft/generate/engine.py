@@ -47,8 +47,6 @@ from jaxft.models.params import unstack_layers
 # Finish codes on the device and their names on the host (OpenAI's `finish_reason`: EOS and stop sequences are
 # "stop", the token budget or the cache's end "length").
 RUNNING, EOS, STOP_TOKENS, LENGTH = 0, 1, 2, 3
-# `Engine(layers="auto")` holds the layers per layer on CPU up to this many slots (see `Engine`)
-PER_LAYER_SLOTS = 2
 FINISH_NAMES = {EOS: "stop", STOP_TOKENS: "stop", LENGTH: "length"}
 
 
@@ -156,16 +154,16 @@ def _choose(st: _Static, logits, keys, temperature, top_k, top_p, min_p, recent,
 
 
 def _rows_of(kv, rows):
-    """Rows `rows` of a cache's keys or values: `[L, B, ...]` stacked, or a tuple of per-layer `[B, ...]`."""
+    """Rows `rows` of a cache's keys or values: `[L, B, ...]` stacked, or a tuple of per-layer `[1, B, ...]`."""
     if isinstance(kv, tuple):
-        return tuple(x.at[rows].get(mode="clip") for x in kv)
+        return tuple(x.at[:, rows].get(mode="clip") for x in kv)
     return kv.at[:, rows].get(mode="clip")
 
 
 def _set_rows(kv, rows, part):
     """`kv` (as in `_rows_of`) with rows `rows` set to `part` (rows past the end dropped)."""
     if isinstance(kv, tuple):
-        return tuple(x.at[rows].set(y, mode="drop") for x, y in zip(kv, part))
+        return tuple(x.at[:, rows].set(y, mode="drop") for x, y in zip(kv, part))
     return kv.at[:, rows].set(part, mode="drop")
 
 
@@ -265,10 +263,10 @@ class Engine:
     `counters` (a `Counters`) counts the prefill passes, rows and tokens and the decode calls. layers: "stacked"
     runs the layer stack as a scan over stacked weights, "per_layer" unrolled over one buffer per layer (weights
     and cache; XLA:CPU copies each weight slice a scan takes, so batch-1 decoding reads its weights about twice);
-    "auto" (default): per layer on CPU for up to `PER_LAYER_SLOTS` slots, stacked otherwise. SmolLM2-135M, fp32,
-    2 Xeon cores, decode tokens/s stacked vs per layer: batch 1 23.3 vs 30.2, 4: 82.5 vs 81.4, 8: 131.7 vs 119.8,
-    16: 208.2 vs 183.5 (per layer, a wider batch's products gain less from the faster weight reads than the
-    unrolled step loses); held per layer, the first call compiles about 5 s longer (30 layers unrolled).
+    "auto" (default): per layer on CPU, stacked elsewhere. SmolLM2-135M, fp32, 2 Xeon cores, ms per decode step
+    stacked vs per layer: 1 slot, 128 cache slots 43.0 vs 29.6, 2048 slots 45.9 vs 31.7; 4 slots x 256 51.5 vs
+    50.4; 16 slots x 256 88.3 vs 92.3, x 2048 104.8 vs 97.3. Held per layer, the first call compiles about 5 s
+    longer (30 layers unrolled).
     """
 
     def __init__(self, config: LlamaConfig, params: Any, *, slots: int = 8, max_len: int = 2048,
@@ -280,10 +278,10 @@ class Engine:
         config.check_sequence_length(max_len + (0 if prefix is None else prefix[0].shape[1]), "Engine max_len")
         if layers not in ("auto", "stacked", "per_layer"):
             raise ConfigError(f"Engine: layers='{layers}'; expected 'auto', 'stacked' or 'per_layer'")
-        if layers == "auto":  # per layer where it was measured faster: XLA:CPU, 1-2 slots (see the class doc)
+        if layers == "auto":  # per layer where the scan's weight slices are copies: XLA:CPU (see the class doc)
             first = jax.tree.leaves(params)[0]
             cpu = isinstance(first, jax.Array) and {d.platform for d in first.devices()} == {"cpu"}
-            layers = "per_layer" if cpu and slots <= PER_LAYER_SLOTS else "stacked"
+            layers = "per_layer" if cpu else "stacked"
         self.per_layer = layers == "per_layer"
         self.config, self.max_len, self.slots = config, max_len, slots
         self.params = params
