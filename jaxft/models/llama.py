@@ -355,10 +355,8 @@ def _cache_extent(cache: KVCache, segment_ids: jax.Array) -> tuple[jax.Array, ja
 def _write_cache(cache: KVCache, new_kv: tuple, segment_ids: jax.Array, advance: jax.Array) -> KVCache:
     """`cache` with this call's keys/values `[L, B, T, K, hd]` written at each row's slots `index..index+T`
     (slots past the end and idle rows' are dropped), and each index moved by `advance`."""
-    b, t = segment_ids.shape
-    s = cache.segment_ids.shape[1]
-    slots = jnp.where(advance[:, None] > 0, cache.index[:, None] + jnp.arange(t), s)
-    rows = jnp.arange(b)[:, None]
+    slots = _slots(cache, segment_ids, advance)
+    rows = jnp.arange(segment_ids.shape[0])[:, None]
     # `[:, rows, :, slots]` puts the indexed axes first: the update is [B, T, L, K, hd]
     k = cache.k.at[:, rows, :, slots].set(new_kv[0].transpose(1, 2, 0, 3, 4).astype(cache.k.dtype), mode="drop")
     v = cache.v.at[:, rows, :, slots].set(new_kv[1].transpose(1, 2, 0, 3, 4).astype(cache.v.dtype), mode="drop")

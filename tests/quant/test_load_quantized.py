@@ -164,7 +164,9 @@ def test_a_process_keeps_only_its_part(storage, double_quant):
         stack.set(i, w[i][stack.read_index()])
     whole = quant.quantize(w, double_quant=double_quant)
     if double_quant:  # the offset is an fp32 mean whose summation order XLA picks per program: checked apart
-        np.testing.assert_allclose(stack.offset[0], np.asarray(whole.offset)[1], rtol=1e-6)
+        # (measured up to 3.7e-7 relative over input seeds 5-9; bound 1.5e-6, 4x); the codes, absmax and nested
+        # tables below are then compared exactly
+        np.testing.assert_allclose(stack.offset[0], np.asarray(whole.offset)[1], rtol=1.5e-6)
         whole = quant.quantize(w, offset=np.array([whole.offset[0], stack.offset[0]], np.float32))
     np.testing.assert_array_equal(stack.codes[0], np.asarray(whole.codes)[1, 128:256, 32:64])
     np.testing.assert_array_equal(stack.absmax[0], np.asarray(whole.absmax)[1, 4:8, 32:64])
